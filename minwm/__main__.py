@@ -1,0 +1,5 @@
+import sys
+
+from minwm.cli import main
+
+sys.exit(main())
