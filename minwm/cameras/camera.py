@@ -104,6 +104,58 @@ class Cameras:
     def cat(items: list["Cameras"]) -> "Cameras":
         return Cameras(torch.cat([c.w2c for c in items]), torch.cat([c.intrinsics for c in items]))
 
+    # ---- image-geometry changes --------------------------------------------------------------
+    def inverse(self) -> torch.Tensor:
+        """Camera-to-world [F, 4, 4] (the exact rigid inverse of w2c); same as `c2w`."""
+        return invert_rigid(self.w2c)
+
+    def resized(self) -> "Cameras":
+        """Cameras after a plain resize (any aspect change included): normalised intrinsics scale with
+        the image, so nothing changes. Exists so call sites say what they did."""
+        return Cameras(self.w2c, self.intrinsics.clone())
+
+    def center_cropped(self, src_hw: tuple[int, int], crop_hw: tuple[int, int]) -> "Cameras":
+        """Cameras after cutting the centred crop_hw window out of src_hw images."""
+        return Cameras(self.w2c, crop_intrinsics(self.intrinsics, src_hw, crop_hw))
+
+    def resize_center_cropped(self, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> "Cameras":
+        """Cameras after the usual video preprocessing: scale so dst_hw is covered, then centre-crop."""
+        return Cameras(self.w2c, resize_crop_intrinsics(self.intrinsics, src_hw, dst_hw))
+
+
+def crop_intrinsics(intrinsics: torch.Tensor, src_hw: tuple[int, int], crop_hw: tuple[int, int],
+                    offset_yx: tuple[float, float] | None = None) -> torch.Tensor:
+    """Normalised intrinsics [..., 4] after cropping a crop_hw window (top-left at offset_yx pixels,
+    centred when None) out of a src_hw image. Pixel focal lengths stay, the principal point shifts by
+    the offset, and everything is re-normalised by the smaller image."""
+    (H, W), (h, w) = src_hw, crop_hw
+    if not (0 < h <= H and 0 < w <= W):
+        raise MinwmError(f"crop: size {h}x{w} must be positive and fit inside {H}x{W}")
+    oy, ox = offset_yx if offset_yx is not None else ((H - h) / 2, (W - w) / 2)
+    K = torch.as_tensor(intrinsics, dtype=torch.float64)
+    fx, fy, cx, cy = K.unbind(-1)
+    return torch.stack([fx * W / w, fy * H / h, (cx * W - ox) / w, (cy * H - oy) / h], -1)
+
+
+def resize_crop_intrinsics(intrinsics: torch.Tensor, src_hw: tuple[int, int],
+                           dst_hw: tuple[int, int]) -> torch.Tensor:
+    """Normalised intrinsics after scaling src_hw by max(h/H, w/W) (aspect kept, dst covered) and
+    centre-cropping to dst_hw. The resize leaves normalised intrinsics alone; only the crop counts."""
+    (H, W), (h, w) = src_hw, dst_hw
+    s = max(h / H, w / W)
+    return crop_intrinsics(intrinsics, (H * s, W * s), (h, w))
+
+
+def latent_cameras(cams: Cameras, temporal_factor: int = 4) -> Cameras:
+    """The camera of each latent frame of a causal temporal VAE that maps 1 + t*k pixel frames to
+    1 + k latents: latent 0 is pixel frame 0 alone and latent i summarises pixel frames t*i-t+1 .. t*i;
+    DESIGN.md fixes its camera as that of pixel frame t*i (the group's last frame)."""
+    F = len(cams)
+    if temporal_factor < 1 or (F - 1) % temporal_factor != 0:
+        raise MinwmError(f"latent_cameras: {F} frames, expected 1 + {temporal_factor}*k for a temporal "
+                         f"factor of {temporal_factor}")
+    return cams[::temporal_factor]
+
 
 def invert_rigid(T: torch.Tensor) -> torch.Tensor:
     """Inverse of rigid 4x4 transforms [..., 4, 4] (exact: R^T, -R^T t)."""
