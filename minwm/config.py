@@ -21,7 +21,12 @@ from minwm.errors import MinwmError
 # section name -> "module:Dataclass". Each owning module defines its own section.
 SECTIONS: dict[str, str] = {
     "actions": "minwm.cameras.actions:ActionConfig",
+    "data": "minwm.data.clips:DataConfig",
     "model": "minwm.models.config:ModelConfig",
+    "train": "minwm.train.trainer:TrainConfig",
+    "codec": "minwm.codecs.config:CodecConfig",
+    "inference": "minwm.world:InferenceConfig",
+    "bench": "minwm.bench.latency:BenchConfig",
 }
 
 
