@@ -20,6 +20,7 @@ quickstart: $(STAMP)
 	$(BIN)/minwm quickstart
 
 test: $(STAMP)
+	bash scripts/install_browser.sh
 	$(BIN)/python -m pytest tests
 
 clean:

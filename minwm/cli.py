@@ -11,6 +11,12 @@ from minwm.errors import MinwmError
 # Modules that define `register(subparsers)`; each adds its sub-commands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
     "minwm.cameras.cli",
+    "minwm.data.cli",
+    "minwm.codecs.cli",
+    "minwm.world_cli",
+    "minwm.bench.cli",
+    "minwm.serve.cli",
+    "minwm.stages.cli",
 ]
 
 
