@@ -1,0 +1,126 @@
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from minwm.cameras import Cameras
+from minwm.cameras.actions import _rot_x, _rot_y
+from minwm.errors import MinwmError
+from minwm.eval.metrics import camera_metrics, direction_accuracy
+from minwm.eval.pose import PoseConfig, estimate_poses, estimate_trajectory, fit_rotation, kabsch, pixel_matrix
+
+torch.set_num_threads(1)
+KN = (0.866, 0.866, 0.5, 0.5)          # 60 degree field of view, square
+
+
+def texture(size=256, seed=0) -> np.ndarray:
+    """Smooth random colour texture (blurred noise at two scales)."""
+    rng = np.random.default_rng(seed)
+    t = sum(cv2.resize(rng.random((n, n, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+            for n in (16, 48))
+    t = (t - t.min()) / (t.max() - t.min())
+    return (t * 255).astype(np.uint8)
+
+
+def rotating_video(angles_deg, size=64, seed=0):
+    """Frames of a camera turning about its centre (yaw, pitch per frame) in front of a distant
+    textured plane: a pure rotation, so frame i is frame 0 warped by K R_i K^-1."""
+    tex = texture(4 * size, seed)
+    K = pixel_matrix(np.array(KN), size, size)
+    # The texture spans 4x the view, centred: map texture pixels to the frame-0 image plane.
+    A = np.array([[1.0, 0, -1.5 * size], [0, 1.0, -1.5 * size], [0, 0, 1]])
+    frames, Rs = [], []
+    for yaw, pitch in angles_deg:
+        R = (_rot_y(math.radians(yaw)) @ _rot_x(math.radians(pitch))).numpy()   # camera-to-world turn
+        H = K @ R.T @ np.linalg.inv(K) @ A                  # texture -> frame: world ray seen by the turned camera
+        frames.append(cv2.warpPerspective(tex, H, (size, size), flags=cv2.INTER_CUBIC))
+        Rs.append(R)
+    c2w = torch.eye(4, dtype=torch.float64).repeat(len(Rs), 1, 1)
+    c2w[:, :3, :3] = torch.from_numpy(np.stack(Rs))
+    return np.stack(frames), Cameras.from_c2w(c2w, KN)
+
+
+def test_too_short_and_malformed_videos_get_clear_errors():
+    one = np.zeros((1, 64, 64, 3), np.uint8)
+    with pytest.raises(MinwmError, match="has 1 frame; camera motion needs at least 2 frames"):
+        estimate_trajectory(one, KN)
+    with pytest.raises(MinwmError, match=r"expected \[F, H, W, 3\]"):
+        estimate_trajectory(np.zeros((4, 64, 64), np.uint8), KN)
+    with pytest.raises(MinwmError, match="uint8"):
+        estimate_trajectory(np.zeros((4, 64, 64, 3), np.float32), KN)
+    with pytest.raises(MinwmError, match="at least 16 pixels"):
+        estimate_trajectory(np.zeros((4, 8, 8, 3), np.uint8), KN)
+    with pytest.raises(MinwmError, match="intrinsics"):
+        estimate_trajectory(np.zeros((4, 64, 64, 3), np.uint8), (0.8, 0.8, 0.5))
+
+
+def test_static_video_reports_no_motion():
+    frames, _ = rotating_video([(0, 0)] * 5)
+    est = estimate_poses(frames, KN)
+    assert not est.translating
+    assert torch.equal(est.cameras.w2c, torch.eye(4, dtype=torch.float64).expand(5, 4, 4))
+    # A flat grey still video has nothing to track, and nothing moves: also no motion, no error.
+    grey = np.full((5, 64, 64, 3), 128, np.uint8)
+    assert torch.equal(estimate_trajectory(grey, KN).w2c, torch.eye(4, dtype=torch.float64).expand(5, 4, 4))
+
+
+def test_flat_moving_video_is_rejected():
+    frames = np.full((4, 64, 64, 3), 128, np.uint8)
+    frames[2:] = 140                                      # changes, but no texture to follow
+    with pytest.raises(MinwmError, match="trackable points"):
+        estimate_trajectory(frames, KN)
+
+
+def test_pure_rotation_is_recovered_without_translation():
+    angles = [(1.5 * i, -0.75 * i) for i in range(9)]    # 12 deg yaw, 6 deg pitch at the end
+    frames, ref = rotating_video(angles)
+    est = estimate_poses(frames, KN)
+    assert not est.translating
+    m = camera_metrics(est.cameras, ref)
+    assert m["rot_err_deg"] < 0.2
+    assert m["trans_err"] == 0.0
+
+
+def test_kabsch_and_rotation_fit_are_exact_on_clean_data():
+    rng = np.random.default_rng(0)
+    R = (_rot_y(0.3) @ _rot_x(-0.2)).numpy()
+    a = rng.standard_normal((20, 3))
+    assert np.allclose(kabsch(a, a @ R.T), R, atol=1e-12)
+    K = pixel_matrix(np.array(KN), 64, 64)
+    x0 = rng.uniform(5, 59, (40, 2))
+    b = np.linalg.solve(K, np.c_[x0, np.ones(40)].T).T @ R.T
+    x1 = (b @ K.T)[:, :2] / (b @ K.T)[:, 2:]
+    x1[:5] += 10                                           # outliers
+    Rf, res = fit_rotation(x0, x1, K, 1.0, rng)
+    assert np.allclose(Rf, R, atol=1e-9)
+    assert (res[5:] < 1e-6).all() and (res[:5] > 5).all()
+
+
+@pytest.fixture(scope="module")
+def world():
+    pytest.importorskip("minwm.worlds.render")
+    from minwm.worlds.render import render
+    from minwm.worlds.scene import generate_scene
+    from minwm.worlds.trajectories import program_cameras, square_intrinsics
+
+    K = square_intrinsics(60, 64, 64)
+
+    def clip(prog, seed=0, frames=17):
+        cams = program_cameras(prog, frames, K)
+        scene = generate_scene(np.random.default_rng(seed), cams.positions.numpy())
+        return render(scene, cams, 64, 64), cams
+
+    return clip, K
+
+
+@pytest.mark.parametrize("prog", ["l*4", "w*4"])
+def test_procedural_world_clip(world, prog):
+    clip, K = world
+    frames, cams = clip(prog)
+    est = estimate_poses(frames, K, PoseConfig())
+    m = camera_metrics(est.cameras, cams)
+    assert m["rot_err_deg"] < 0.5
+    assert est.translating == (prog[0] == "w")
+    assert direction_accuracy(est.cameras, prog) == 1.0
