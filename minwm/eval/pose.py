@@ -64,6 +64,9 @@ class PoseConfig:
     min_tracks: int = 8             # fewest tracks a frame may be estimated from
     keyframe_overlap: float = 0.25  # start a new keyframe when fewer of the keyframe's tracks survive
     min_triangulation_deg: float = 0.5  # points seen under a smaller angle carry no usable depth
+    window_px: int = 6              # Lucas-Kanade window side (original pixels)
+    max_segment: int = 0            # most frames per keyframe segment (0 = until the tracks run out)
+    outlier_px: float = 2.0         # BA observations with a larger residual are dropped
     seed: int = 0                   # RANSAC sampling (results are reproducible)
 
 
@@ -230,7 +233,7 @@ def _seed_points(g: np.ndarray, s: int, cfg: PoseConfig, carried: np.ndarray | N
 def _track(grey: list[np.ndarray], key: int, pts: np.ndarray, s: int, cfg: PoseConfig):
     """Positions [n, N, 2] (original pixels) and validity [n, N] of pts (in frame `key`) in frames
     key .. key+n-1; stops after the last frame where enough of them survive."""
-    win = 6 * s + 1
+    win = cfg.window_px * s + 1
     lk = dict(winSize=(win, win), maxLevel=3,
               criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 40, 0.005))
     h, w = grey[key].shape
@@ -249,7 +252,7 @@ def _track(grey: list[np.ndarray], key: int, pts: np.ndarray, s: int, cfg: PoseC
         ok = (st.ravel() == 1) & (st2.ravel() == 1) \
             & (np.linalg.norm((back - p0).reshape(-1, 2), axis=1) < cfg.fb_tol_px * s) \
             & (q[:, 0] >= 0) & (q[:, 0] <= w - 1) & (q[:, 1] >= 0) & (q[:, 1] <= h - 1)
-        if ok.sum() < need and len(P) > 1:
+        if (ok.sum() < need or (cfg.max_segment and len(P) >= cfg.max_segment)) and len(P) > 1:
             break                                           # hand over to a new keyframe at frame i-1
         P.append(_from_up(q, s))
         A.append(ok)
@@ -378,9 +381,9 @@ def _solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseCon
         if best is None or cand[3] < best[3]:
             best = cand
     poses, rho, err, _ = best
-    use = use & ~(err > 2 * cfg.ransac_px)
+    use = use & ~(err > cfg.outlier_px)
     poses, rho, err, _ = bundle_adjust(P, use, K, poses, rho, huber_px=cfg.ransac_px)
-    use = use & ~(err > 2 * cfg.ransac_px)
+    use = use & ~(err > cfg.outlier_px)
     for r in range(1, n):
         e = err[r][use[r]]
         resid[r] = float(np.median(e)) if len(e) else float("nan")
