@@ -27,6 +27,7 @@ SECTIONS: dict[str, str] = {
     "codec": "minwm.codecs.config:CodecConfig",
     "inference": "minwm.world:InferenceConfig",
     "bench": "minwm.bench.latency:BenchConfig",
+    "stages": "minwm.stages.config:StagesConfig",
 }
 
 

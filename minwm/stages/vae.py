@@ -1,0 +1,291 @@
+"""Stage 0 of the toy: train its tiny AutoencoderKLWan on rendered clips (`minwm train vae`).
+
+A random VAE encodes to noise and decodes to noise, so nothing a DiT learns on its latents could be
+seen in pixels (DESIGN.md §1). This stage trains the toy's VAE (4x temporal, 4x spatial, the Wan
+architecture at a tiny width) with L1 + L2 + a small KL, measures per-channel latent statistics on the
+training clips and writes them as the config's latents_mean / latents_std, so the toy's latents are
+normalised exactly as the real Wan VAE's are.
+
+Training crops are 9 = 1 + 4 + 4 frames: the VAE is causal and runs chunk by chunk (1 frame, then 4 at
+a time) through a feature cache, and a chunk whose cache comes from a previous 4-frame chunk (every chunk
+from the third on, i.e. nearly every frame a world model streams) is a different regime from the second
+chunk, whose cache comes from the single first frame. Trained on 5-frame crops only, frames 5-8 of the
+held-out clips came out 4-6 dB worse than frames 0-4 (14-18 vs 20-22 dB). Spatial crops (32x32 of
+64x64 clips) make each sample 4x cheaper; whole held-out frames reconstruct better than crops.
+The posterior mean is decoded (no sampling): at a KL weight of 1e-6 sampling only slows learning.
+The learning rate warms up, then follows a cosine to 5% (fast convergence in a few hundred steps).
+
+Output (OUT): config.json + diffusion_pytorch_model.safetensors (diffusers format, what
+`VideoCodec.from_pretrained` and `codec.vae` read), model.safetensors + config.yaml + metrics.json
+(the stage contract; metrics.json last), psnr_curve.png (held-out PSNR vs training time), and the
+trainer's checkpoints/ for exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataclasses import dataclass
+from typing import Optional
+
+from minwm.codecs.quality import psnr
+from minwm.codecs.vae import VideoCodec
+from minwm.errors import MinwmError
+
+MIN_LR_FRACTION = 0.05
+
+INPUTS: dict[str, str] = {}
+
+# The VAE's optimiser settings (they differ from the DiT stages'; `stages.vae.train` overrides them).
+TRAIN_DEFAULTS = {"lr": 3.0e-3, "betas": [0.9, 0.99], "weight_decay": 0.0, "grad_clip": 1.0, "batch_size": 8,
+                  "max_steps": 800, "lr_warmup_steps": 20, "ckpt_every": 100, "keep_checkpoints": 2,
+                  "mixed_precision": "no", "tensorboard": False, "plot": False}
+
+
+@dataclass
+class Params:
+    """Config section stages.vae (plus stages.vae.train)."""
+    data: Optional[str] = None          # clip folder (minwm data render --out); required
+    heldout_clips: int = 8              # the last N clips (sorted by name) are held out for PSNR
+    clip_frames: int = 9                # training crops of 1 + 4k frames; >= 9 trains the steady cache regime
+    # Square spatial training crops in pixels (0: whole frames). The VAE is convolutional, so 32x32
+    # crops of 64x64 clips train it at a quarter of the cost per sample.
+    crop_size: int = 32
+    kl_weight: float = 1.0e-6
+    l2_weight: float = 1.0
+    eval_every: int = 100               # steps between held-out PSNR evaluations
+
+    def __post_init__(self):
+        if self.clip_frames < 1 or (self.clip_frames - 1) % 4:
+            raise ValueError(f"clip_frames: expected 1 + 4k, got {self.clip_frames}")
+        if self.crop_size < 0 or self.heldout_clips < 1 or self.eval_every < 1:
+            raise ValueError("crop_size must be >= 0, heldout_clips and eval_every >= 1")
+
+
+class FramesDataset(torch.utils.data.Dataset):
+    """Clips held in memory as uint8 [F, H, W, 3] tensors (the toy's data set is small)."""
+
+    def __init__(self, frames: list[torch.Tensor]):
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.frames[i]
+
+
+def load_frames(data: str | Path, heldout: int, temporal_factor: int, spatial_factor: int
+                ) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
+    """Training and held-out clips (names sorted; the last `heldout` are held out), all the same size."""
+    from minwm.codecs.cli import open_clips
+    names, load = open_clips(data)
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    frames, kept = [], []
+    for i in order:
+        clip = load(i)
+        f = torch.from_numpy(np.ascontiguousarray(clip.frames))
+        if frames and f.shape != frames[0].shape:
+            raise MinwmError(f"{data}: clip {names[i]} has frames {tuple(f.shape)}, expected "
+                             f"{tuple(frames[0].shape)} like the others (render the VAE's clips at one size)")
+        frames.append(f)
+        kept.append(names[i])
+    if not frames:
+        raise MinwmError(f"{data}: no clips found")
+    F, H, W = frames[0].shape[:3]
+    if H % spatial_factor or W % spatial_factor:
+        raise MinwmError(f"{data}: clip size {H}x{W} is not divisible by the VAE's spatial factor {spatial_factor}")
+    if len(frames) <= heldout:
+        raise MinwmError(f"{data}: {len(frames)} clips, need more than stages.vae.heldout_clips={heldout}")
+    n = len(frames) - heldout
+    return kept[:n], frames[:n], kept[n:], frames[n:]
+
+
+def to_video(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3] -> float [B, 3, F, H, W] in [-1, 1]."""
+    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def crop_batch(frames: torch.Tensor, starts: torch.Tensor, flips: torch.Tensor, length: int,
+               ys: torch.Tensor | None = None, xs: torch.Tensor | None = None, size: int = 0) -> torch.Tensor:
+    """Per-sample crops (frames [start, start + length), and when size > 0 the size x size window at
+    (y, x)) with horizontal flips, as VAE input."""
+    out = []
+    for i, f in enumerate(frames):
+        s = int(starts[i])
+        c = f[s:s + length]
+        if size:
+            y, x = int(ys[i]), int(xs[i])
+            c = c[:, y:y + size, x:x + size]
+        out.append(c.flip(2) if flips[i] else c)
+    return to_video(torch.stack(out))
+
+
+def vae_loss(vae, x: torch.Tensor, l2_weight: float, kl_weight: float) -> dict[str, torch.Tensor]:
+    """L1 + l2_weight * L2 on the reconstruction of the posterior mean, + kl_weight * KL per input value."""
+    post = vae.encode(x).latent_dist
+    y = vae.decode(post.mode()).sample
+    l1 = (y - x).abs().mean()
+    l2 = (y - x).pow(2).mean()
+    kl = post.kl().sum() / x.numel()
+    return {"loss": l1 + l2_weight * l2 + kl_weight * kl, "l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
+
+
+def cosine_factor(step: int, max_steps: int, warmup: int) -> float:
+    """Multiplier of the base lr after the trainer's linear warm-up: 1 during warm-up, then a cosine
+    from 1 down to MIN_LR_FRACTION at max_steps."""
+    if step < warmup or max_steps <= warmup:
+        return 1.0
+    p = (step - warmup) / max(1, max_steps - warmup)
+    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
+@torch.no_grad()
+def heldout_psnr(vae, frames: list[torch.Tensor], temporal_factor: int, batch: int = 8) -> float:
+    """Mean PSNR over held-out clips at their full length (cut to 1 + t*k frames)."""
+    was = vae.training
+    vae.eval()
+    vals = []
+    for i in range(0, len(frames), batch):
+        f = torch.stack(frames[i:i + batch])
+        keep = 1 + (f.shape[1] - 1) // temporal_factor * temporal_factor
+        x = to_video(f[:, :keep])
+        vals += psnr(x, vae.decode(vae.encode(x).latent_dist.mode()).sample).tolist()
+    vae.train(was)
+    return float(np.mean(vals))
+
+
+@torch.no_grad()
+def latent_stats(vae, frames: list[torch.Tensor], temporal_factor: int, batch: int = 8
+                 ) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the raw posterior means over all given clips (float64 sums)."""
+    vae.eval()
+    s = s2 = None
+    n = 0
+    for i in range(0, len(frames), batch):
+        f = torch.stack(frames[i:i + batch])
+        keep = 1 + (f.shape[1] - 1) // temporal_factor * temporal_factor
+        z = vae.encode(to_video(f[:, :keep])).latent_dist.mode().double()
+        z = z.transpose(0, 1).reshape(z.shape[1], -1)
+        s = z.sum(1) if s is None else s + z.sum(1)
+        s2 = (z * z).sum(1) if s2 is None else s2 + (z * z).sum(1)
+        n += z.shape[1]
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def plot_psnr(points: list[tuple[float, float]], out_png: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minwm.io import atomic_path
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    ax.axhline(25.0, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("training time (s, excluding evaluation)")
+    ax.set_ylabel("held-out PSNR (dB)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(str(tmp), format="png")
+    plt.close(fig)
+
+
+def run(cfg, out_dir: str | Path, *, init: dict | None = None, resume: bool = False,
+        max_steps: int | None = None) -> Path:
+    """Train the toy VAE (architecture codec.vae_tiny, settings stages.vae) into out_dir; returns it."""
+    from minwm.stages import common
+
+    ctx = common.prepare("vae", cfg, out_dir, init, resume, max_steps)
+    tc, cc = ctx.params, cfg["codec"]
+    steps = ctx.train.max_steps
+    if cc.vae_kind != "wan":
+        raise MinwmError(f"codec.vae_kind: training is implemented for the Wan VAE, got {cc.vae_kind!r}")
+    if not tc.data:
+        raise MinwmError("stages.vae.data: no clip folder set (render one with `minwm data render`)")
+    out = ctx.out_dir
+
+    codec = VideoCodec.from_config(cc.vae_tiny, "wan", seed=ctx.train.seed)
+    vae = codec.vae.train().requires_grad_(True)
+    t, s = codec.temporal_factor, codec.spatial_factor
+    train_names, train_frames, held_names, held_frames = load_frames(tc.data, tc.heldout_clips, t, s)
+    F, H, W = train_frames[0].shape[:3]
+    crop = tc.crop_size if tc.crop_size and tc.crop_size < min(H, W) else 0
+    if crop % s:
+        raise MinwmError(f"stages.vae.crop_size: {crop} is not divisible by the VAE's spatial factor {s}")
+    if F < tc.clip_frames:
+        raise MinwmError(f"{tc.data}: clips have {F} frames, fewer than stages.vae.clip_frames={tc.clip_frames}")
+
+    trainer = common.make_trainer(ctx, FramesDataset(train_frames))
+    trainer.add("vae", vae, trainer.adamw(vae.parameters()))
+    # Evaluation seconds, kept out of the PSNR curve's training-time axis; continued from the history
+    # on resume.
+    eval_time: list[float | None] = [None]
+
+    def step_fn(tr, mbs, step):
+        f = cosine_factor(step, steps, ctx.train.lr_warmup_steps)
+        for g in tr.optimizers["vae"].param_groups:
+            g["lr"] *= f
+
+        def loss_fn(mb):
+            starts = mb.randint(F - tc.clip_frames + 1, salt="start")
+            flips = mb.rand(salt="flip") < 0.5
+            ys = mb.randint(H - crop + 1, salt="y") if crop else None
+            xs = mb.randint(W - crop + 1, salt="x") if crop else None
+            x = crop_batch(mb.data, starts, flips, tc.clip_frames, ys, xs, crop)
+            return vae_loss(vae, x, tc.l2_weight, tc.kl_weight)
+
+        out_v = tr.accumulate("vae", mbs, loss_fn)
+        if (step + 1) % tc.eval_every == 0 or step + 1 == steps:
+            if eval_time[0] is None:
+                done = [h for h in tr.history if "eval_time" in h]
+                eval_time[0] = done[-1]["eval_time"] if done else 0.0
+            t0 = time.monotonic()
+            out_v["psnr"] = heldout_psnr(vae, held_frames, t)
+            eval_time[0] += time.monotonic() - t0
+            out_v["eval_time"] = eval_time[0]
+        return out_v
+
+    history = trainer.fit(step_fn, resume=resume)
+    evals = [h for h in history if "psnr" in h]
+
+    final_psnr = heldout_psnr(vae, held_frames, t)
+    mean, std = latent_stats(vae, train_frames, t)
+    codec.set_latent_stats(mean, std)
+    vae.eval().requires_grad_(False)
+    _save_diffusers(codec, out)
+    curve = [(h["time"] - h.get("eval_time", 0.0), h["psnr"]) for h in evals]
+    params = sum(p.numel() for p in vae.parameters())
+    if curve:
+        plot_psnr(curve, out / "psnr_curve.png",
+                  f"toy VAE {params / 1e6:.2f}M params, {H}x{W}, final {final_psnr:.2f} dB")
+    metrics = {"heldout_psnr": round(final_psnr, 3), "params": params, "size": [H, W],
+               "train_clips": len(train_names), "heldout_clips": held_names,
+               "train_seconds": round(curve[-1][0], 1) if curve else None,
+               "psnr_curve": [[round(a, 2), round(b, 3)] for a, b in curve],
+               "latents_mean": mean, "latents_std": std, "complete": True}
+    trainer.write_output("vae", cfg, extra_metrics=metrics)
+    print(f"toy VAE: held-out PSNR {final_psnr:.2f} dB after {trainer.step} steps; wrote {out}")
+    return out
+
+
+def _save_diffusers(codec: VideoCodec, out: Path) -> None:
+    """config.json + diffusion_pytorch_model.safetensors directly in `out` (beside the trainer's files),
+    each replaced atomically."""
+    import tempfile
+
+    from minwm.io import atomic_path
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".vae.") as tmp:
+        codec.vae.save_pretrained(tmp, safe_serialization=True)
+        for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+            with atomic_path(out / name) as dst:
+                Path(tmp, name).replace(dst)
