@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "minwm.bench.cli",
     "minwm.serve.cli",
     "minwm.stages.cli",
+    "minwm.quickstart",
+    "minwm.eval.cli",
 ]
 
 

@@ -94,6 +94,11 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rope_apply(x, cos, -sin). Computed in the promoted dtype of x and cos, returned in x's dtype.
     """
     ct = torch.promote_types(x.dtype, cos.dtype)
+    if x.dtype == ct == sin.dtype and ct in (torch.float32, torch.float64):
+        # The same products as below as one complex multiply (a + ib)(cos + i sin): ~10x faster on CPU than the
+        # unbind/stack form (PRoPE applies it four times per layer and pass in streaming).
+        rot = torch.complex(cos, sin)
+        return torch.view_as_real(torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2))) * rot).flatten(-2)
     pairs = x.to(ct).unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.to(ct), sin.to(ct)

@@ -83,6 +83,12 @@ def rope_3d(frame_pos: torch.Tensor, height: int, width: int, head_dim: int,
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, S, H, Dh] rotated pairwise (2j, 2j+1) as diffusers' WanAttnProcessor does; cos/sin [S, Dh]."""
+    if x.dtype == cos.dtype and x.dtype in (torch.float32, torch.float64):
+        # The same products as below as one complex multiply (x1 + i x2)(c + i s): bit-identical on CPU and
+        # 10-25x faster than the unbind/stack form, which matters in streaming, where every pass re-ropes the
+        # whole KV cache (measured: 9.8 ms -> 0.37 ms for 20 frames x 256 tokens x 8 heads x 32, 1 thread).
+        rot = torch.complex(cos[:, 0::2], sin[:, 1::2])[None, :, None]
+        return torch.view_as_real(torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2))) * rot).flatten(-2)
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     c = cos[None, :, None, 0::2]
     s = sin[None, :, None, 1::2]
