@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+from minwm.argtypes import positive_int
 
 
 def register(sub) -> None:
@@ -31,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=("fewstep", "multistep"), help="override inference.mode")
     p.add_argument("--steps", help="override inference.steps, comma-separated (e.g. 1000,750,500,250)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=_positive_int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 

@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+from minwm.argtypes import positive_int
 
 
 def register(sub) -> None:
@@ -26,12 +16,12 @@ def register(sub) -> None:
     q.add_argument("--config", required=True, help="YAML with model, inference and bench sections")
     q.add_argument("--random-weights", action="store_true",
                    help="random backbone weights (default when model.pretrained is unset)")
-    q.add_argument("--chunks", type=_positive_int, help="streamed chunks to time (default bench.chunks)")
+    q.add_argument("--chunks", type=positive_int, help="streamed chunks to time (default bench.chunks)")
     q.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
-    q.add_argument("--threads", type=_positive_int, help="torch CPU threads (default bench.threads)")
-    q.add_argument("--baseline-steps", type=_positive_int,
+    q.add_argument("--threads", type=positive_int, help="torch CPU threads (default bench.threads)")
+    q.add_argument("--baseline-steps", type=positive_int,
                    help="measure only this many steps of each 50-step baseline and extrapolate (labelled so)")
-    q.add_argument("--runs", type=_positive_int, help="repeats of each latency measurement; the min is reported")
+    q.add_argument("--runs", type=positive_int, help="repeats of each latency measurement; the min is reported")
     q.add_argument("--no-baselines", action="store_true",
                    help="skip the multi-step baselines (long streaming runs: flat cost and memory only)")
     q.add_argument("--device", default="cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from minwm.argtypes import positive_int
 from minwm.cameras.actions import DEFAULT_INTRINSICS, ActionConfig, actions_to_cameras, parse_actions
 from minwm.cameras.formats import FORMATS, load_cameras, save_cameras
 from minwm.cameras.jsonfmt import dumps_json
@@ -54,17 +55,6 @@ def cmd_parse(args) -> int:
     return 0
 
 
-def _positive_int(s: str) -> int:
-    import argparse
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{s}'") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{s}'")
-    return v
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("camera", help="camera trajectories: convert, show, parse actions")
     sub = p.add_subparsers(dest="camera_command", required=True, metavar="SUBCOMMAND")
@@ -80,7 +70,7 @@ def register(subparsers) -> None:
     c.add_argument("--to", required=True, choices=FORMATS, help="output format")
     c.add_argument("--out", required=True, help="output file")
     c.add_argument("--from", dest="from_fmt", choices=FORMATS, help="input format (detected when omitted)")
-    c.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"),
+    c.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"),
                    help="image size in pixels (needed for nerfstudio output when the input has none)")
     c.set_defaults(func=cmd_convert)
 

@@ -25,7 +25,7 @@ from minwm.diffusion.losses import cfg_from_uncond
 from minwm.diffusion.samplers import euler_sample, euler_sigmas
 from minwm.diffusion.schedule import FlowSchedule
 from minwm.errors import MinwmError
-from minwm.stages import common
+from minwm.stages import bidirectional, common
 from minwm.stages.bidirectional import flow_matching_loss
 
 NAME = "ar"
@@ -34,21 +34,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {}
 
 
 @dataclass
-class Params:
-    shift: float = 5.0
-    num_train_timesteps: int = 1000
-    loss_weighting: bool = True
-    # CFG dropout to the negative prompt (see bidirectional); keeps the toy's unconditional branch alive for the
-    # CFG teachers of Stage 2.
-    text_dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.shift <= 0:
-            raise ValueError(f"shift: expected > 0, got {self.shift}")
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps: expected >= 2, got {self.num_train_timesteps}")
-        if not 0.0 <= self.text_dropout < 1.0:
-            raise ValueError(f"text_dropout: expected a probability in [0, 1), got {self.text_dropout}")
+class Params(bidirectional.Params):
+    """The same flow-matching settings as Phase 1 (shift, grid, loss weight, CFG dropout to the negative prompt,
+    which keeps the toy's unconditional branch alive for the CFG teachers of Stage 2), now per block."""
 
 
 def run(cfg: Any, out_dir: str | Path, *, init: Optional[dict[str, str]] = None, resume: bool = False,
