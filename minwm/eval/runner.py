@@ -1,0 +1,656 @@
+"""`minwm eval`: generate every case of a suite with each checkpoint and its fixed-camera baseline, estimate the
+camera of every video, score it against the exact render.
+
+What the model is given (the toy is T2V, so it cannot start from nothing and be compared with a render):
+- T2V checkpoints (stages.ti2v false, e.g. the toy Wan): the render's FIRST CHUNK (latent frames
+  0 .. chunk_frames-1, pixel frames 0 .. T(chunk_frames-1)) is encoded with the checkpoint's VAE and written into
+  the streaming KV cache as clean context at t = 0 (the same refresh pass a generated chunk gets, i.e. exactly the
+  clean-past condition the AR stages are trained on); the rest is generated chunk by chunk along the trajectory.
+- TI2V checkpoints (stages.ti2v true, or an adapter with image channels): the render's first frame through
+  WorldModel.reset(image=...).
+- A `bidirectional` checkpoint is not a streaming model: the whole clip is sampled at once with the multi-step
+  CFG sampler, the context frames held on the straight noising path of their real latents at every step
+  (replacement conditioning: every frame shares one t, as the bidirectional model was trained), so it gets the
+  same context as the streaming stages.
+The sampler follows the stage recorded in the checkpoint's metrics.json: bidirectional -> bidirectional,
+ar -> multi-step AR per chunk (CFG), ode / cd / dmd (or unknown) -> the few-step streaming sampler.
+
+What is scored:
+- PSNR / SSIM per generated pixel frame against the render (context frames are not scored; their VAE round trip,
+  `context_psnr`, is the ceiling a perfect model could reach).
+- Camera: the pose estimator runs on the whole decoded video; RotErr / TransErr / CamMC (CamI2V definitions,
+  eval/metrics.py) compare the estimate with the exact cameras from the last context frame on (both made relative
+  to it), and direction accuracy reads the commanded sign of every generated latent step. A video the estimator
+  cannot read (e.g. too flat) counts as a pose failure: left out of the camera errors, direction accuracy 0.
+- The baseline is the same checkpoint, same seeds and same context with its camera input replaced by a fixed
+  camera (every latent frame at the start camera): the gap to it is the control the camera gives.
+- The estimator run on the render itself gives the floor of the camera errors (`reference.estimator`).
+Headline numbers average the cases at the training clip length; long cases are summarised under `long`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from minwm.cameras.camera import Cameras
+from minwm.errors import MinwmError
+from minwm.eval.suite import Case, Suite, check_heldout, get_suite, render_case, suite_cases, with_overrides
+
+SAMPLERS = ("auto", "fewstep", "multistep", "bidirectional")
+STAGE_SAMPLER = {"bidirectional": "bidirectional", "ar": "multistep", "ode": "fewstep", "cd": "fewstep",
+                 "dmd": "fewstep"}
+METRIC_KEYS = ("rot_err", "rot_err_deg", "trans_err", "cam_mc", "direction_accuracy", "psnr", "ssim")
+CAMERA_KEYS = ("rot_err", "rot_err_deg", "trans_err", "cam_mc", "direction_accuracy")
+FORMAT = "minwm-eval"
+# Identical frames have infinite PSNR; counting them as 100 dB keeps means finite (any real difference of one
+# 8-bit level over a whole frame is already 48 dB).
+PSNR_CAP = 100.0
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+
+def checkpoint_names(ckpts: dict | Sequence) -> dict[str, Path]:
+    """name -> directory. A list is named by directory name (runs/x/ar -> "ar"), with the parent prepended
+    when two names collide. Every directory is checked before any work (one-line errors)."""
+    if isinstance(ckpts, (str, Path)):
+        ckpts = [ckpts]
+    if isinstance(ckpts, dict):
+        items = [(str(k), Path(v)) for k, v in ckpts.items()]
+    else:
+        paths = [Path(p) for p in ckpts]
+        names = [p.resolve().name for p in paths]
+        items = []
+        for p, n in zip(paths, names):
+            if names.count(n) > 1:
+                n = f"{p.resolve().parent.name}/{n}"
+            items.append((n, p))
+    if not items:
+        raise MinwmError("--ckpt: no checkpoint given")
+    seen = set()
+    for name, p in items:
+        if name in seen:
+            raise MinwmError(f"--ckpt {p}: checkpoint name {name!r} given twice")
+        seen.add(name)
+        if not p.is_dir():
+            raise MinwmError(f"--ckpt {p}: checkpoint directory not found")
+        for f in ("model.safetensors", "config.yaml"):
+            if not (p / f).is_file():
+                raise MinwmError(f"--ckpt {p}: not a checkpoint (no {f})")
+    return dict(items)
+
+
+def recorded_stage(ckpt: Path) -> Optional[str]:
+    """The stage that wrote the checkpoint (metrics.json "stage"), or None."""
+    try:
+        m = json.loads((Path(ckpt) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    s = m.get("stage") if isinstance(m, dict) else None
+    return s if isinstance(s, str) else None
+
+
+def choose_sampler(stage: Optional[str], inference_mode: str, override: str = "auto") -> str:
+    if override not in SAMPLERS:
+        raise MinwmError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got {override!r}")
+    if override != "auto":
+        return override
+    if stage in STAGE_SAMPLER:
+        return STAGE_SAMPLER[stage]
+    return "multistep" if inference_mode == "multistep" else "fewstep"
+
+
+# ---- one checkpoint -----------------------------------------------------------------------------------------
+
+def _uint8(video: torch.Tensor) -> np.ndarray:
+    """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3]."""
+    v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def fixed_cameras(cams: Cameras) -> Cameras:
+    """Every frame at the start camera (identity w2c), intrinsics kept: the baseline's camera input."""
+    F = len(cams)
+    return Cameras(torch.eye(4, dtype=torch.float64).repeat(F, 1, 1), cams.intrinsics.clone())
+
+
+def prefill(wm, latents: torch.Tensor, cams: Cameras) -> np.ndarray:
+    """Write real latents [1, C, chunk, h, w] into a freshly reset WorldModel's caches as a finished chunk at
+    t = 0 (the refresh pass every generated chunk gets) and decode them; returns their pixel frames.
+
+    WorldModel has no public prefill yet, so this reaches into its session state (caches, prepared text,
+    streaming decoder, camera record) exactly as its own step_latents / step do after a chunk."""
+    from minwm.inference.sampling import Conditioning, refresh
+
+    if wm.frame_index != 0:
+        raise MinwmError("prefill: the session must be freshly reset")
+    if latents.shape[2] != wm.chunk_frames or len(cams) != wm.chunk_frames:
+        raise MinwmError(f"prefill: expected one chunk of {wm.chunk_frames} latent frames, got {latents.shape[2]}")
+    w2c, K = cams.to(wm.dtype, wm.device)
+    cam_in = (w2c[None], K[None])
+    x = latents.to(wm.device, wm.dtype)
+    with torch.inference_mode():
+        refresh(wm.backbone, x, Conditioning(wm._text, cam_in), wm._caches[0])
+        if wm.mode == "multistep" and wm.inference.guidance != 1.0:
+            refresh(wm.backbone, x, Conditioning(wm._neg_text, cam_in), wm._caches[1])
+        frames = _uint8(wm._decoder(x))
+    wm._record_cameras(cams)
+    wm.frame_index += wm.chunk_frames
+    return frames
+
+
+class CheckpointRunner:
+    """Generates suite cases with one checkpoint (see the module docstring for the conditioning)."""
+
+    def __init__(self, name: str, path: Path, sampler: str = "auto", device: str = "cpu",
+                 multistep_steps: Optional[int] = None):
+        from minwm.world import WorldModel
+
+        self.name, self.path = name, Path(path)
+        self.stage = recorded_stage(self.path)
+        from minwm.config import load_config
+
+        cfg = load_config(self.path / "config.yaml")
+        if cfg.get("codec") is None or not cfg["codec"].vae:
+            raise MinwmError(f"{self.path}/config.yaml: codec.vae is not set; evaluation compares decoded video "
+                             f"with renders, so the checkpoint needs its VAE")
+        self.sampler = choose_sampler(self.stage, cfg["inference"].mode, sampler)
+        overrides: dict[str, Any] = {"mode": "multistep" if self.sampler == "multistep" else "fewstep"}
+        if multistep_steps is not None and self.sampler != "fewstep":
+            overrides["baseline_steps"] = int(multistep_steps)
+        self.wm = WorldModel.from_checkpoint(self.path, device=device, **overrides)
+        self.config = self.wm.config
+        self.camera_kind = self.config["model"].camera.kind
+        self.has_camera = self.camera_kind != "none"
+        self.ti2v = bool(getattr(self.config["stages"], "ti2v", False)) or \
+            bool(getattr(self.wm.backbone, "condition_channels", False))
+        self.context_frames = 1 if self.ti2v else self.wm.chunk_frames
+        self._neg = None
+
+    # -- what the suite is rendered with --
+    def render_key(self) -> tuple:
+        wm, data = self.wm, self.config["data"]
+        a = self.wm.actions_cfg
+        return (wm.height, wm.width, float(data.hfov_deg), a.translation_step, a.rotation_step_deg,
+                wm.temporal_factor)
+
+    def training_latent_frames(self) -> int:
+        st = self.config["stages"]
+        if getattr(st, "latent_frames", None):
+            return int(st.latent_frames)
+        return 1 + (self.config["data"].frames - 1) // self.wm.temporal_factor
+
+    @property
+    def conditioning(self) -> str:
+        T = self.wm.temporal_factor
+        if self.ti2v:
+            return "first frame (TI2V: WorldModel.reset(image=frame 0))"
+        return (f"first chunk ({self.context_frames} latent frames = pixel frames 0-{T * (self.context_frames - 1)}"
+                f" of the render, VAE-encoded, written into the cache as clean context at t = 0)")
+
+    # -- generation --
+    def encode_context(self, frames: np.ndarray) -> torch.Tensor:
+        T = self.wm.temporal_factor
+        n = 1 + T * (self.context_frames - 1)
+        video = torch.from_numpy(np.ascontiguousarray(frames[:n])).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        with torch.inference_mode():
+            return self.wm.codec.encode(video.to(self.wm.device)).to(self.wm.dtype)
+
+    def generate(self, frames: np.ndarray, latent_cams: Cameras, prompt: str, seed: int,
+                 context: torch.Tensor) -> np.ndarray:
+        """uint8 [1 + T(L-1), H, W, 3]: the context frames (decoded) then the generated ones."""
+        L, T = len(latent_cams), self.wm.temporal_factor
+        if self.sampler == "bidirectional":
+            out = self._bidirectional(latent_cams, prompt, seed, context)
+        else:
+            out = self._stream(frames, latent_cams, prompt, seed, context)
+        return out[:1 + T * (L - 1)]
+
+    def _stream(self, frames, cams: Cameras, prompt: str, seed: int, context: torch.Tensor) -> np.ndarray:
+        wm, c, L = self.wm, self.wm.chunk_frames, len(cams)
+        if self.ti2v:
+            parts = [wm.reset(prompt, image=frames[0], seed=seed)]
+            start = 0
+        else:
+            wm.reset(prompt, seed=seed)
+            parts = [prefill(wm, context, cams[:c])]
+            start = 1
+        for k in range(start, -(-L // c)):
+            idx = [min(i, L - 1) for i in range(k * c, (k + 1) * c)]  # past the end: hold the last camera
+            parts.append(wm.step(cameras=Cameras(cams.w2c[idx], cams.intrinsics[idx])))
+        return np.concatenate(parts)
+
+    def _bidirectional(self, cams: Cameras, prompt: str, seed: int, context: torch.Tensor) -> np.ndarray:
+        from minwm.diffusion.losses import cfg_from_uncond
+        from minwm.inference.sampling import Conditioning, integrate, velocity
+        from minwm.inference.text import encode_prompt
+
+        wm, inf = self.wm, self.wm.inference
+        dev, dt = wm.device, wm.dtype
+        text = encode_prompt(wm.backbone, wm.text_encoder, prompt, inf.text_tokens, dev, dt)
+        if self._neg is None:
+            self._neg = encode_prompt(wm.backbone, wm.text_encoder, inf.negative_prompt, inf.text_tokens, dev, dt)
+        gen = torch.Generator().manual_seed(seed)
+        shape = (1, wm.latent_channels, len(cams), wm.latent_height, wm.latent_width)
+        noise = torch.randn(shape, generator=gen).to(dev, dt)
+        w2c, K = cams.to(dt, dev)
+        img = context[:, :, :1] if getattr(wm.backbone, "condition_channels", False) else None
+        cond_c = Conditioning(text, (w2c[None], K[None]), None, img)
+        cond_u = Conditioning(self._neg, (w2c[None], K[None]), None, img)
+        n = context.shape[2]
+        ctx, ctx_noise = context.to(dev, dt), noise[:, :, :n]
+
+        def fn(x: torch.Tensor, t: float) -> torch.Tensor:
+            s = t / 1000.0
+            x = x.clone()
+            x[:, :, :n] = (1 - s) * ctx + s * ctx_noise   # the context's own noising path at this t
+            v, _, _ = velocity(wm.backbone, x, t, cond_c, mode="bidirectional")
+            if inf.guidance != 1.0:
+                v_u, _, _ = velocity(wm.backbone, x, t, cond_u, mode="bidirectional")
+                v = cfg_from_uncond(cond=v, uncond=v_u, scale=inf.guidance)
+            v = v.clone()
+            v[:, :, :n] = ctx_noise - ctx                  # keeps the sampler's context on that straight path
+            return v
+
+        with torch.inference_mode():
+            x0 = integrate(fn, noise, inf.baseline_steps, inf.shift, inf.sampler)
+            x0[:, :, :n] = ctx
+            return _uint8(wm.codec.decode(x0))
+
+    def close(self) -> None:
+        self.wm.close()
+
+
+# ---- scoring ------------------------------------------------------------------------------------------------
+
+def _nan(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def score_camera(frames: np.ndarray, ref: Cameras, steps: list, start: int, temporal_factor: int) -> dict:
+    """Camera metrics of a video against its exact cameras from pixel frame `start` on, plus direction accuracy
+    over `steps` (the commanded latent steps from the latent frame at `start`). A video the pose estimator
+    cannot read gives NaN camera errors, direction accuracy 0 and `pose_error`."""
+    from minwm.eval.metrics import camera_metrics, direction_accuracy
+    from minwm.eval.pose import estimate_trajectory
+
+    F = len(frames)
+    out: dict[str, Any] = {k: float("nan") for k in CAMERA_KEYS}
+    out["pose_error"] = None
+    out["per_frame"] = {"rot_deg": [float("nan")] * F, "trans": [float("nan")] * F}
+    import cv2
+
+    try:
+        est = estimate_trajectory(frames, ref.intrinsics[0])
+    except MinwmError as e:
+        out["pose_error"] = str(e)
+        out["direction_accuracy"] = 0.0 if any(steps) else float("nan")
+        return out
+    except (cv2.error, np.linalg.LinAlgError, ValueError) as e:   # degenerate geometry in a generated video
+        out["pose_error"] = f"pose: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        out["direction_accuracy"] = 0.0 if any(steps) else float("nan")
+        return out
+    m = camera_metrics(est[start:], ref[start:])
+    out.update({k: m[k] for k in ("rot_err", "rot_err_deg", "trans_err", "cam_mc")})
+    out["direction_accuracy"] = direction_accuracy(est[start:], steps, temporal_factor) if steps else float("nan")
+    out["per_frame"]["rot_deg"][start:] = m["per_frame"]["rot_deg"]
+    out["per_frame"]["trans"][start:] = m["per_frame"]["trans"]
+    out["estimated"] = est
+    return out
+
+
+def score_images(frames: np.ndarray, gt: np.ndarray, first: int) -> dict:
+    """PSNR / SSIM per frame from pixel frame `first` on (earlier frames NaN in the per-frame lists)."""
+    from minwm.eval.metrics import psnr, ssim
+
+    F = len(gt)
+    p = psnr(frames[first:], gt[first:], reduction="none").clamp(max=PSNR_CAP).tolist()
+    s = ssim(frames[first:], gt[first:], reduction="none").tolist()
+    pf = [float("nan")] * first
+    return {"psnr": float(np.mean(p)), "ssim": float(np.mean(s)),
+            "per_frame": {"psnr": pf + p, "ssim": pf + s}} if F > first else \
+        {"psnr": float("nan"), "ssim": float("nan"), "per_frame": {"psnr": [float("nan")] * F,
+                                                                     "ssim": [float("nan")] * F}}
+
+
+class _Done:
+    """A finished result with the Future interface."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _pose_worker_init() -> None:
+    import cv2
+
+    torch.set_num_threads(1)      # one core per worker: the workers are the parallelism
+    cv2.setNumThreads(1)
+
+
+class _Job:
+    """A pose job in the pool. Asked for its result before a worker took it, it runs here instead (so once the
+    videos are generated this process estimates alongside the workers); also inline if the pool broke (e.g. a
+    script without an `if __name__ == "__main__":` guard, which spawned workers cannot import)."""
+
+    def __init__(self, future, args, owner: "PoseJobs"):
+        self.future, self.args, self.owner = future, args, owner
+
+    def result(self):
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.future.cancel():
+            return score_camera(*self.args)
+        try:
+            return self.future.result()
+        except BrokenProcessPool:
+            self.owner.broken()
+            return score_camera(*self.args)
+
+
+class PoseJobs:
+    """score_camera calls, run at once (workers = 0) or in `workers` background processes while the main process
+    generates the next videos (on 2 cores: generation on one, pose estimation on the other)."""
+
+    def __init__(self, workers: int = 0, echo=print):
+        self._pool = None
+        self._echo = echo
+        if workers > 0:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_pose_worker_init)
+
+    def submit(self, *args):
+        if self._pool is not None:
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                return _Job(self._pool.submit(score_camera, *args), args, self)
+            except BrokenProcessPool:
+                self.broken()
+        return _Done(score_camera(*args))
+
+    def broken(self) -> None:
+        if self._pool is not None:
+            self._echo("eval: the pose-estimation worker process died (a script calling evaluate() needs an "
+                       "`if __name__ == '__main__':` guard); estimating in this process instead")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _mean(values) -> float:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _curve(records: list[dict], key: str) -> list[float]:
+    """Per-frame mean over records (NaN where no record has a value)."""
+    rows = [r["per_frame"][key] for r in records if key in r.get("per_frame", {})]
+    if not rows:
+        return []
+    n = max(len(r) for r in rows)
+    a = np.full((len(rows), n), np.nan)
+    for i, r in enumerate(rows):
+        a[i, :len(r)] = r
+    with np.errstate(all="ignore"):
+        cnt = np.sum(~np.isnan(a), 0)
+        s = np.nansum(a, 0)
+        return [float(s[j] / cnt[j]) if cnt[j] else float("nan") for j in range(n)]
+
+
+def summarize(records: list[dict], camera: bool = True) -> dict:
+    """Means over case records (camera errors over the cases the estimator could read)."""
+    out = {k: _mean(r.get(k) for r in records) for k in METRIC_KEYS}
+    if not camera:
+        for k in CAMERA_KEYS:
+            out[k] = None
+    out["num_cases"] = len(records)
+    out["pose_failures"] = sum(1 for r in records if r.get("pose_error"))
+    out["per_frame"] = {k: _curve(records, k) for k in (("rot_deg", "trans") if camera else ()) + ("psnr", "ssim")}
+    by_traj: dict[str, list] = {}
+    for r in records:
+        by_traj.setdefault(r["trajectory"], []).append(r)
+    out["per_trajectory"] = {t: {k: _mean(x.get(k) for x in rs) for k in METRIC_KEYS if camera or k not in CAMERA_KEYS}
+                             for t, rs in by_traj.items()}
+    return out
+
+
+def _public(r: dict) -> dict:
+    """A case record as written to metrics.json (no per-frame lists, no tensors)."""
+    return {k: v for k, v in r.items() if k not in ("per_frame", "estimated")}
+
+
+def jsonable(x: Any) -> Any:
+    """NaN / inf -> None (JSON has no NaN), tensors and numpy scalars -> plain numbers."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ---- the suite ----------------------------------------------------------------------------------------------
+
+@dataclass
+class GroundTruth:
+    case: Case
+    frames: np.ndarray            # uint8 [F, H, W, 3]
+    cameras: Cameras              # per pixel frame, exact
+    caption: str
+    steps: list                   # the commanded latent steps
+    context: dict = field(default_factory=dict)   # VAE key -> encoded context latents
+    reference: Any = None                        # the estimator on the render itself (a pending PoseJobs result)
+
+
+# Renders and the estimator's reading of them, kept across evaluate() calls in one process (the quickstart
+# evaluates stage after stage): the render and its camera estimate depend only on the case and the render settings.
+_GT_MEMO: dict[tuple, GroundTruth] = {}
+_GT_MEMO_MAX = 512
+
+
+def _remember(gts: dict[tuple, GroundTruth]) -> None:
+    for key, gt in gts.items():
+        if gt.reference is not None and not isinstance(gt.reference, _Done):
+            gt.reference = _Done(gt.reference.result())
+        gt.context = {}                      # latents depend on a checkpoint's VAE: not kept
+        _GT_MEMO[key] = gt
+    while len(_GT_MEMO) > _GT_MEMO_MAX:
+        _GT_MEMO.pop(next(iter(_GT_MEMO)))
+
+
+def case_seed(seed: int, case: Case) -> int:
+    return (zlib.crc32(case.name.encode()) ^ (seed * 2654435761)) & 0x7FFFFFFF
+
+
+def _check_length(runner: CheckpointRunner, L: int, suite: Suite) -> None:
+    n = runner.context_frames
+    if L <= n:
+        raise MinwmError(f"suite {suite.name}: clips of {L} latent frames leave nothing to generate after the "
+                         f"{n}-frame context of {runner.path} ({runner.conditioning.split(' (')[0]}); the pose "
+                         f"estimator needs generated motion: use --latent-frames {n + 1} or more")
+
+
+def evaluate(ckpts: dict | Sequence, suite: str | Suite = "toy-heldout", out_dir: Optional[str | Path] = None, *,
+             sampler: str = "auto", device: str = "cpu", threads: int = 1, seed: int = 0,
+             latent_frames: Optional[int] = None, multistep_steps: Optional[int] = None,
+             pose_workers: int = 1, progress: bool = True, echo=print) -> dict:
+    """Run `suite` on each checkpoint and its fixed-camera baseline; returns the metrics.json content and, with
+    out_dir, writes report.md, metrics.json and the PNGs there (atomically: all or nothing).
+
+    ckpts: {name: dir} or a list of dirs (named by their directory name). The result's "checkpoints" maps each
+    name to {rot_err, rot_err_deg, trans_err, cam_mc, direction_accuracy, psnr, ssim, ..., "baseline": {same}}.
+    threads: torch / OpenCV threads of the generating process (1 is fastest on a shared machine: more threads
+    contend for the cores); pose_workers: background processes estimating cameras meanwhile (0: inline)."""
+    import cv2
+
+    names = checkpoint_names(ckpts)
+    suite_obj = get_suite(suite) if isinstance(suite, str) else suite
+    if latent_frames is not None and latent_frames < 2:
+        raise MinwmError(f"--latent-frames: expected >= 2, got {latent_frames}")
+    suite_obj = with_overrides(suite_obj, latent_frames=latent_frames, multistep_steps=multistep_steps)
+    if sampler not in SAMPLERS:
+        raise MinwmError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if pose_workers < 0:
+        raise MinwmError(f"pose_workers: expected >= 0, got {pose_workers}")
+    old_threads, old_cv = torch.get_num_threads(), cv2.getNumThreads()
+    if threads:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+    t_start = time.perf_counter()
+    gts: dict[tuple, GroundTruth] = {}
+    results: dict[str, dict] = {}
+    showcase: dict[str, dict] = {}      # case name -> {"gt": frames, "<ckpt>": frames, "<ckpt>/baseline": ...}
+    context_psnr: list[float] = []
+    jobs = None
+    try:
+        for name, path in names.items():
+            t0 = time.perf_counter()
+            runner = CheckpointRunner(name, path, sampler, device, suite_obj.multistep_steps)
+            if jobs is None:   # started after the first checkpoint loaded, so a bad one fails fast
+                jobs = PoseJobs(pose_workers, echo)
+            try:
+                results[name] = _run_checkpoint(runner, suite_obj, seed, gts, showcase, context_psnr, progress, jobs)
+            finally:
+                runner.close()
+            results[name]["time_s"] = round(time.perf_counter() - t0, 1)
+            echo(f"eval: {name}: {results[name]['time_s']} s")
+        _remember(gts)
+        refs = [{"name": g.case.name, "trajectory": g.case.trajectory, "group": g.case.group, **g.reference.result()}
+                for g in gts.values() if g.reference is not None]
+        main_refs = [r for r in refs if r["group"] != "long"]
+        result = {
+            "format": FORMAT, "version": 1,
+            "suite": {"name": suite_obj.name, "description": suite_obj.description, "scenes": suite_obj.scenes,
+                      "trajectories": list(suite_obj.trajectories), "long": list(suite_obj.long),
+                      "long_factor": suite_obj.long_factor, "seed": suite_obj.seed,
+                      "multistep_steps": suite_obj.multistep_steps, "cases": len({k[0] for k in gts})},
+            "checkpoints": results,
+            "reference": {"estimator": summarize(main_refs) if main_refs else None,
+                          "estimator_long": summarize([r for r in refs if r["group"] == "long"])
+                          if len(main_refs) < len(refs) else None,
+                          "context_psnr": _mean(context_psnr)},
+            "seed": seed, "threads": threads, "time_s": round(time.perf_counter() - t_start, 1),
+        }
+        result = jsonable(result)
+        if out_dir is not None:
+            from minwm.eval.report import write_report
+
+            write_report(result, out_dir, showcase)
+        return result
+    finally:
+        if jobs is not None:
+            jobs.close()
+        torch.set_num_threads(old_threads)
+        cv2.setNumThreads(old_cv)
+
+
+def _run_checkpoint(runner: CheckpointRunner, suite: Suite, seed: int, gts: dict, showcase: dict,
+                    context_psnr: list, progress: bool, jobs: PoseJobs) -> dict:
+    from tqdm import tqdm
+
+    from minwm.cameras.actions import parse_actions
+    from minwm.eval.metrics import psnr
+
+    wm = runner.wm
+    T = wm.temporal_factor
+    check_heldout(suite, runner.config["data"].seed, str(runner.path / "config.yaml"))
+    L = suite.latent_frames or runner.training_latent_frames()
+    _check_length(runner, L, suite)
+    cases = suite_cases(suite, L)
+    n_ctx = runner.context_frames
+    start = T * (n_ctx - 1)          # last context pixel frame: camera metrics start here
+    first_scored = start + 1         # first generated pixel frame
+    vae_key = (str(runner.path), n_ctx)
+    model_recs, base_recs = [], []
+    pending = []                     # (record, pose result, showcase entry or None, label)
+    for case in tqdm(cases, desc=f"eval {runner.name}", unit="case", disable=not progress):
+        key = (case.name, case.latent_frames, suite.seed, runner.render_key())
+        gt = gts.get(key) or _GT_MEMO.get(key)
+        if gt is not None:
+            gts[key] = gt
+        else:
+            clip = render_case(case, suite, wm.height, wm.width, runner.config["data"].hfov_deg, wm.actions_cfg, T)
+            steps = parse_actions(case.program, max(wm.actions_cfg.max_steps, case.latent_frames))
+            gt = gts[key] = GroundTruth(case, clip.frames, clip.cameras, clip.caption, steps)
+        if gt.reference is None and runner.has_camera:
+            gt.reference = jobs.submit(gt.frames, gt.cameras, gt.steps[n_ctx - 1:], start, T)
+        if vae_key not in gt.context:
+            gt.context[vae_key] = runner.encode_context(gt.frames)
+        context = gt.context[vae_key]
+        lat = gt.cameras[::T]
+        s = case_seed(seed, case)
+        base = {"name": case.name, "trajectory": case.trajectory, "group": case.group}
+        sc = None
+        if case.trajectory in suite.strips and case.scene == 0 and not case.long:
+            sc = showcase.setdefault(case.name, {"gt": gt.frames, "gt_cameras": gt.cameras, "first": first_scored,
+                                                 "start": start, "program": case.program})
+            if runner.has_camera:
+                sc["reference"] = gt.reference
+        runs = [("model", lat)] + ([("baseline", fixed_cameras(lat))] if runner.has_camera else [])
+        for which, cams in runs:
+            frames = runner.generate(gt.frames, cams, gt.caption, s, context)
+            rec = dict(base, **score_images(frames, gt.frames, first_scored))
+            if which == "model" and first_scored > 1:
+                context_psnr.append(min(psnr(frames[1:first_scored], gt.frames[1:first_scored]), PSNR_CAP))
+            label = runner.name if which == "model" else f"{runner.name} (baseline)"
+            if sc is not None:
+                sc[label] = frames
+            if runner.has_camera:
+                pending.append((rec, jobs.submit(frames, gt.cameras, gt.steps[n_ctx - 1:], start, T), sc, label))
+            (model_recs if which == "model" else base_recs).append(rec)
+    for rec, fut, sc, label in tqdm(pending, desc=f"poses {runner.name}", unit="video",
+                                    disable=not progress or not pending):
+        cam = fut.result()
+        rec["per_frame"] = {**rec["per_frame"], **cam.pop("per_frame")}
+        rec.update(cam)
+        if sc is not None and cam.get("estimated") is not None:
+            sc.setdefault("estimated", {})[label] = cam["estimated"]
+    for sc in showcase.values():
+        ref = sc.pop("reference", None)
+        if ref is not None and ref.result().get("estimated") is not None:
+            sc.setdefault("estimated", {})["render (estimator)"] = ref.result()["estimated"]
+    main = [r for r in model_recs if r["group"] != "long"]
+    out = summarize(main, runner.has_camera)
+    out.update({"path": str(runner.path), "stage": runner.stage, "sampler": runner.sampler,
+                "camera_kind": runner.camera_kind, "camera": runner.has_camera, "conditioning": runner.conditioning,
+                "context_latent_frames": n_ctx, "latent_frames": L, "temporal_factor": T,
+                "camera_from_frame": start, "scored_from_frame": first_scored,
+                "steps": (wm.inference.baseline_steps if runner.sampler != "fewstep" else len(wm.timesteps)),
+                "note": None})
+    long_recs = [r for r in model_recs if r["group"] == "long"]
+    out["long"] = summarize(long_recs, runner.has_camera) if long_recs else None
+    if runner.has_camera:
+        b_main = [r for r in base_recs if r["group"] != "long"]
+        out["baseline"] = summarize(b_main)
+        b_long = [r for r in base_recs if r["group"] == "long"]
+        out["baseline"]["long"] = summarize(b_long) if b_long else None
+        out["baseline"]["kind"] = "fixed camera (every latent frame at the start camera)"
+    else:
+        out["note"] = ("no camera injection (model.camera.kind: none): camera metrics skipped; the fixed-camera "
+                       "baseline would be this same model, so it is not run")
+        out["baseline"] = {**{k: None for k in METRIC_KEYS}, "kind": "none (the model takes no camera)"}
+    out["cases"] = [_public(r) for r in model_recs]
+    if runner.has_camera:
+        out["baseline"]["cases"] = [_public(r) for r in base_recs]
+    return out
