@@ -126,3 +126,21 @@ def test_streaming_decode_residual_variant():
     dec = c.streaming_decoder()
     out = torch.cat([dec(z[:, :, :1]), dec(z[:, :, 1:2]), dec(z[:, :, 2:])], 2)
     assert out.shape == full.shape and (out - full).abs().max() <= 1e-5
+
+
+def test_fast_rms_norms_match_diffusers_forward_and_gradients():
+    from minwm.codecs.vae import use_fast_rms_norms
+    ref = VideoCodec.from_config({**TINY, "is_residual": True, "dim_mult": [1, 2, 2]}, seed=0).vae
+    fast = VideoCodec.from_config({**TINY, "is_residual": True, "dim_mult": [1, 2, 2]}, seed=0).vae
+    assert use_fast_rms_norms(fast) > 0
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    x = video(5)
+    outs = []
+    for vae in (ref, fast):
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        y.square().mean().backward()
+        outs.append((y.detach(), vae.encoder.conv_in.weight.grad.clone()))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-3, atol=1e-6)
+    # A zero input keeps the eps guard: finite, like F.normalize.
+    assert torch.isfinite(fast.encode(torch.zeros(1, 3, 1, 16, 16)).latent_dist.mode()).all()

@@ -10,7 +10,7 @@ from minwm.codecs.quality import psnr, ssim
 from minwm.codecs.vae import VideoCodec
 from minwm.config import parse_config
 from minwm.errors import MinwmError
-from minwm.stages.vae import cosine_factor, crop_batch, latent_stats, run
+from minwm.stages.vae import cosine_factor, crop_batch, crop_length, latent_stats, run, spread
 
 torch.set_num_threads(1)
 
@@ -28,7 +28,9 @@ def clips(tmp_path_factory):
 
 
 def config(data, max_steps=3, **params):
-    p = {"data": str(data), "heldout_clips": 2, "eval_every": 2, "crop_size": 8, **params,
+    # 5-frame crops, then a last step on whole (9-frame) 12x12 crops: both phases run.
+    p = {"data": str(data), "heldout_clips": 2, "eval_every": 2, "crop_size": 8, "clip_frames": 5,
+         "long_steps": 1, "long_crop_size": 12, **params,
          "train": {"max_steps": max_steps, "batch_size": 2, "ckpt_every": 2}}
     return parse_config({"codec": {"vae_tiny": TINY}, "stages": {"threads": 1, "vae": p}})
 
@@ -84,6 +86,16 @@ def test_stage_errors(clips, tmp_path):
         run(config(clips, heldout_clips=6), tmp_path / "b")
     with pytest.raises(MinwmError, match="clip_frames"):
         parse_config({"stages": {"vae": {"clip_frames": 4}}})
+    with pytest.raises(MinwmError, match="clip_frames=13"):
+        run(config(clips, clip_frames=13), tmp_path / "c")
+
+
+def test_crop_length_and_stats_subset():
+    # 0 = whole clips (cut to 1 + 4k), the length the held-out PSNR is measured at.
+    assert crop_length(21, 0, 4, "d") == 21 and crop_length(23, 0, 4, "d") == 21 and crop_length(21, 9, 4, "d") == 9
+    with pytest.raises(MinwmError, match="d: clips have 5 frames"):
+        crop_length(5, 9, 4, "d")
+    assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 0) == [1, 2] and spread([1, 2], 5) == [1, 2]
 
 
 def test_latent_stats_match_direct_computation():

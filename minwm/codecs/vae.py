@@ -106,6 +106,31 @@ def resolve_vae_dir(path: str | Path) -> Path:
     return p
 
 
+def _rms_norm_forward(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """WanRMS_norm's forward with F.normalize(x, dim) = x / max(|x|, 1e-12) written as x * rsqrt(max(|x|^2,
+    1e-24)): the same function (to float rounding), but a plain sum over the channel dimension instead of
+    torch's vector-norm kernel, which is several times slower forward and backward on a channels-first
+    CPU tensor (15% of a toy VAE training step)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    dim = 1 if norm.channel_first else -1
+    normalised = (xf * (xf * xf).sum(dim, keepdim=True).clamp_min(1e-24).rsqrt()).to(x.dtype)
+    return normalised * norm.scale * norm.gamma + norm.bias
+
+
+def use_fast_rms_norms(vae: torch.nn.Module) -> int:
+    """Give every WanRMS_norm in `vae` the faster equivalent forward (weights and state dict unchanged);
+    returns how many were switched."""
+    import functools
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+    n = 0
+    for m in vae.modules():
+        if isinstance(m, WanRMS_norm):
+            m.forward = functools.partial(_rms_norm_forward, m)
+            n += 1
+    return n
+
+
 class VideoCodec:
     """A frozen (or trainable: `.vae` is the plain diffusers module) video VAE with normalised latents."""
 
