@@ -80,3 +80,30 @@ def tiny_config(cache: Path, *, steps: int = 10, chunk: int = 2, batch: int = 2,
         "stages": {"latents": str(cache), "threads": 1, "ti2v": ti2v, **stages},
     }
     return parse_config(data, "tiny.yaml")
+
+
+# ---- what the exact-resume tests compare ------------------------------------------------------------------
+def history(run: Path) -> list[dict]:
+    hist = json.loads((run / "metrics.json").read_text())["history"]
+    return [{k: v for k, v in r.items() if k not in ("time", "step_time")} for r in hist]
+
+
+def dcp_state(checkpoint: Path) -> dict:
+    """Everything a checkpoint holds (modules, optimisers, EMA) as one flat dict of tensors."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dst = checkpoint.parent.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint / "state"), str(dst))
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}/{i}", v)
+        else:
+            flat[prefix] = obj
+    walk("", torch.load(dst, weights_only=False))
+    return flat

@@ -20,8 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stages_helpers import tiny_config  # noqa: E402
-from test_stages_dmd import dcp_state as checkpoint_state, history  # noqa: E402  (DCP state; metrics history)
+from stages_helpers import dcp_state as checkpoint_state, history, tiny_config  # noqa: E402
 from test_stages_ode import make_teacher, sample_few_step  # noqa: E402
 
 from minwm.errors import MinwmError  # noqa: E402

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stages_helpers import make_cache, tiny_config  # noqa: E402
+from stages_helpers import dcp_state, history, make_cache, tiny_config  # noqa: E402
 
 from minwm.errors import MinwmError  # noqa: E402
 
@@ -59,11 +59,6 @@ def make_inputs(root: Path) -> dict[str, str]:
     return {"init": out["cd"], "real": out["bidirectional"], "fake": out["bidirectional"]}
 
 
-def history(run: Path) -> list[dict]:
-    hist = json.loads((run / "metrics.json").read_text())["history"]
-    return [{k: v for k, v in r.items() if k not in ("time", "step_time")} for r in hist]
-
-
 def child(argv):
     from minwm.stages import dmd
 
@@ -85,27 +80,6 @@ def run_child(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, __file__, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
-
-
-def dcp_state(checkpoint: Path) -> dict:
-    """Everything a checkpoint holds (modules, optimisers, EMA) as one flat dict of tensors."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dst = checkpoint.parent.parent / f"{checkpoint.name}.pt"
-    dcp_to_torch_save(str(checkpoint / "state"), str(dst))
-    flat = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(f"{prefix}/{i}", v)
-        else:
-            flat[prefix] = obj
-    walk("", torch.load(dst, weights_only=False))
-    return flat
 
 
 def test_dmd_runs_and_resumes_exactly_after_sigkill(tmp_path):

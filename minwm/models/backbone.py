@@ -15,6 +15,7 @@ text, and cameras, in one of three modes that share one attention path:
 
 from __future__ import annotations
 
+import abc
 import importlib
 from typing import Any, Optional
 
@@ -128,7 +129,7 @@ def check_inputs(
             raise MinwmError(f"cameras: intrinsics have shape {tuple(K.shape)}, expected [{B}, {F}, 4]")
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, abc.ABC):
     """Base class of the adapters. Subclasses set `arch`, build `self.transformer` (the diffusers
     model, with any camera modules registered inside it so its state_dict is the checkpoint format),
     and implement `forward`, `new_cache` and `camera_parameter_names`."""
@@ -142,8 +143,9 @@ class Backbone(nn.Module):
         self.gradient_checkpointing = False
 
     # ---- what subclasses provide -------------------------------------------------------------
+    @abc.abstractmethod
     def forward(self, latents, timesteps, text, cameras=None, *, mode="bidirectional", clean_latents=None,
-                cache=None, commit=False, frame_offset=0):  # pragma: no cover - abstract
+                cache=None, commit=False, frame_offset=0):
         """Flow-matching velocity [B, C, F, H, W].
 
         latents [B, C, F, H, W]; timesteps [B, F] float in [0, 1000] (a scalar or [B] is broadcast);
@@ -152,19 +154,20 @@ class Backbone(nn.Module):
         mode: see the module docstring; clean_latents: teacher forcing's clean copy (same shape);
         cache: the KV cache (streaming only); commit: append this call's keys/values to the cache;
         frame_offset: added to every temporal RoPE position of the call."""
-        raise NotImplementedError
 
-    def new_cache(self, batch: int, height: int, width: int, device=None, dtype=None):  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def new_cache(self, batch: int, height: int, width: int, device=None, dtype=None):
+        """A KV cache for streaming at this latent size (window and sinks from the config)."""
 
-    def camera_parameter_names(self) -> list[str]:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def camera_parameter_names(self) -> list[str]:
         """State-dict keys (of `self.transformer`) that belong to camera injection: the only keys a base
         (non-camera) diffusers checkpoint may lack."""
-        raise NotImplementedError
 
     @classmethod
-    def diffusers_class(cls) -> type:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def diffusers_class(cls) -> type:
+        """The diffusers model class whose weights and submodules this adapter drives."""
 
     # ---- shared ------------------------------------------------------------------------------
     @property
