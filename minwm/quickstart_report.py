@@ -131,7 +131,8 @@ def make_samples(ckpts: dict[str, Path], out_dir: Path, suite: str = "quickstart
     from tqdm import tqdm
 
     from minwm.cameras.actions import parse_actions
-    from minwm.eval.runner import CheckpointRunner, case_seed
+    from minwm.eval.checkpoints import CheckpointRunner
+    from minwm.eval.runner import case_seed
     from minwm.eval.suite import Case, render_case
     from minwm.io import write_json
     from minwm.worlds.trajectories import eval_trajectories

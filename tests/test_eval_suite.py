@@ -15,6 +15,7 @@ from minwm.cli import main
 from minwm.codecs.config import tiny_wan_vae
 from minwm.codecs.vae import VideoCodec
 from minwm.errors import MinwmError
+from minwm.eval import checkpoints as C
 from minwm.eval import runner as R
 from minwm.eval.suite import HELDOUT_SEED, SUITES, get_suite, suite_cases, trajectory_group
 from minwm.models.backbone import build_backbone
@@ -92,7 +93,7 @@ def test_scoring_against_an_oracle(ckpts, monkeypatch):
         fixed = torch.allclose(cams.w2c, torch.eye(4, dtype=cams.w2c.dtype).expand_as(cams.w2c))
         return np.repeat(frames[:1], len(frames), 0) if fixed else frames.copy()
 
-    monkeypatch.setattr(R.CheckpointRunner, "generate", oracle)
+    monkeypatch.setattr(C.CheckpointRunner, "generate", oracle)
     res = R.evaluate([ckpts["dmd"]], "toy-smoke", None, pose_workers=0, progress=False, echo=lambda *a: None)
     c, ref = res["checkpoints"]["dmd"], res["reference"]["estimator"]
     for k in ("rot_err", "trans_err", "cam_mc", "direction_accuracy"):
@@ -164,8 +165,8 @@ def test_suites_and_naming(tmp_path):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"")
         (d / "config.yaml").write_text("{}")
-    assert list(R.checkpoint_names([a, b])) == ["x/ar", "y/ar"]
-    assert R.choose_sampler("ar", "fewstep") == "multistep"
-    assert R.choose_sampler(None, "fewstep") == "fewstep"
-    assert R.choose_sampler("dmd", "fewstep", "bidirectional") == "bidirectional"
+    assert list(C.checkpoint_names([a, b])) == ["x/ar", "y/ar"]
+    assert C.choose_sampler("ar", "fewstep") == "multistep"
+    assert C.choose_sampler(None, "fewstep") == "fewstep"
+    assert C.choose_sampler("dmd", "fewstep", "bidirectional") == "bidirectional"
     assert R.jsonable({"a": [float("nan"), np.float32(1.5), float("inf")]}) == {"a": [None, 1.5, None]}

@@ -10,7 +10,7 @@ from minwm.errors import MinwmError
 
 def register(subparsers) -> None:
     from minwm.eval.ablate import ABLATIONS
-    from minwm.eval.runner import SAMPLERS
+    from minwm.eval.checkpoints import SAMPLERS
     from minwm.eval.suite import SUITES
 
     p = subparsers.add_parser(
@@ -58,7 +58,7 @@ def parse_ckpts(values: list[str]) -> dict[str, str] | list[str]:
     """[NAME=]DIR items -> {name: dir} when any is named (unnamed ones use their directory name), else the list."""
     if not any("=" in v and "/" not in v.split("=", 1)[0] for v in values):
         return list(values)
-    from minwm.eval.runner import checkpoint_names
+    from minwm.eval.checkpoints import checkpoint_names
 
     out: dict[str, str] = {}
     for v in values:
