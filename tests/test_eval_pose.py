@@ -98,6 +98,16 @@ def test_kabsch_and_rotation_fit_are_exact_on_clean_data():
     assert (res[5:] < 1e-6).all() and (res[:5] > 5).all()
 
 
+def test_corner_ratio_tells_corners_from_edges():
+    # A bright square on a dark field: its sides are edges (LK slides along them), its corners are not.
+    from minwm.eval.pose import _corner_ratio
+    g = np.zeros((96, 96), np.uint8)
+    g[32:64, 32:64] = 200
+    g = cv2.GaussianBlur(g, (0, 0), 1.0)
+    r = _corner_ratio(g, np.array([[48.0, 32.0], [32.0, 48.0], [32.0, 32.0], [63.0, 63.0]]), 13)
+    assert (r[:2] < 0.05).all() and (r[2:] > 0.3).all()
+
+
 @pytest.fixture(scope="module")
 def world():
     pytest.importorskip("minwm.worlds.render")

@@ -89,11 +89,14 @@ def test_eval_cli_writes_report_and_metrics_for_every_stage(ckpts, tmp_path, cap
 def test_scoring_against_an_oracle(ckpts, monkeypatch):
     """A 'model' that returns the render and a baseline that freezes frame 0: the model must score exactly the
     estimator floor with full direction accuracy, the frozen baseline no direction at all."""
-    def oracle(self, frames, cams, prompt, seed, context):
-        fixed = torch.allclose(cams.w2c, torch.eye(4, dtype=cams.w2c.dtype).expand_as(cams.w2c))
-        return np.repeat(frames[:1], len(frames), 0) if fixed else frames.copy()
+    def oracle(self, items, batch_size=16):
+        out = []
+        for it in items:
+            fixed = torch.allclose(it.cameras.w2c, torch.eye(4, dtype=it.cameras.w2c.dtype).expand_as(it.cameras.w2c))
+            out.append(np.repeat(it.frames[:1], len(it.frames), 0) if fixed else it.frames.copy())
+        return out
 
-    monkeypatch.setattr(C.CheckpointRunner, "generate", oracle)
+    monkeypatch.setattr(C.CheckpointRunner, "generate_batch", oracle)
     res = R.evaluate([ckpts["dmd"]], "toy-smoke", None, pose_workers=0, progress=False, echo=lambda *a: None)
     c, ref = res["checkpoints"]["dmd"], res["reference"]["estimator"]
     for k in ("rot_err", "trans_err", "cam_mc", "direction_accuracy"):

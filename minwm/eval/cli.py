@@ -31,8 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch / OpenCV threads (1 is fastest on a busy machine)")
-    p.add_argument("--pose-workers", type=int, default=1,
-                   help="background processes estimating cameras while the next videos are generated (0: inline)")
+    p.add_argument("--pose-workers", type=int, default=None,
+                   help="background processes estimating cameras while the next videos are generated (0: inline; "
+                        "default: 2 on a machine with 2 or more cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
@@ -84,7 +85,7 @@ def cmd_eval(args) -> int:
     for flag, v in (("--threads", args.threads), ("--multistep-steps", args.multistep_steps)):
         if v is not None and v < 1:
             raise MinwmError(f"{flag}: expected >= 1, got {v}")
-    if args.pose_workers < 0:
+    if args.pose_workers is not None and args.pose_workers < 0:
         raise MinwmError(f"--pose-workers: expected >= 0, got {args.pose_workers}")
     result = evaluate(ckpts, args.suite, out, sampler=args.sampler, device=args.device, threads=args.threads,
                       seed=args.seed, latent_frames=args.latent_frames, multistep_steps=args.multistep_steps,

@@ -23,12 +23,21 @@ pipeline favours sub-pixel accuracy over feature richness:
    parallax (RANSAC, then recoverPose) fixes a rotation, a unit translation and, by triangulation,
    3-D points in the keyframe's camera; PnP against them places every other frame. That start,
    and six straight-line starts along the camera axes, go through a bundle adjustment of the whole
-   segment (poses + one inverse depth per track, Huber loss, Schur complement); the lowest cost
-   wins, gross outliers are dropped and it is refined once more. All frames share one scale.
+   segment (poses + one inverse depth per track, Cauchy loss, Schur complement): a few iterations
+   from each, then the `ba_keep` lowest-cost distinct ones to convergence, gross outliers dropped
+   and refined once more. Their reprojection costs are often close where the geometry is weak (a
+   strafe read as a turn, a descent as a pitch: per-track depths absorb either), so the colours of
+   all textured keyframe pixels pick between them (`photo_select`, minwm.eval.photometric). All
+   frames share one scale. Corners on straight edges are not tracked (`min_corner_ratio`): LK
+   slides along an edge, and such tracks pulled whole clips into the wrong valley.
 4. Long or fast videos. When fewer than `keyframe_overlap` of a keyframe's tracks survive, the last
    well-tracked frame becomes the next keyframe (its surviving tracks carry over, topped up with
    new corners). Its segment is expressed in the global frame through the keyframe's pose, and its
    scale is tied to the previous segment by the median depth ratio of the carried-over points.
+5. Direct refinement (`photometric`, minwm.eval.photometric). A translating segment's poses are
+   refined by aligning the colours of the keyframe's strongest-gradient pixels (one inverse depth
+   each) across the segment, which removes much of the slide along the yaw/strafe and
+   pitch/vertical valleys that track bias causes. The carried-over points keep their feature depths.
 
 The result is a `Cameras` (OpenCV w2c, frame 0 = identity) that `minwm.eval.metrics` compares
 with the commanded trajectory.
@@ -68,6 +77,13 @@ class PoseConfig:
     max_segment: int = 0            # most frames per keyframe segment (0 = until the tracks run out)
     outlier_px: float = 2.0         # BA observations with a larger residual are dropped
     seed: int = 0                   # RANSAC sampling (results are reproducible)
+    photometric: bool = True        # refine translating segments by direct alignment (minwm.eval.photometric)
+    photo_pixels: int = 500         # keyframe pixels the direct alignment uses
+    min_corner_ratio: float = 0.05  # new corners need this smaller/larger structure-tensor eigenvalue ratio
+    ba_loss: str = "cauchy"         # robust loss of the bundle adjustment: "huber" or "cauchy"
+    ba_probe_iters: int = 5         # LM iterations from every start before the most promising are kept
+    ba_keep: int = 3                # distinct bundle-adjustment solutions solved fully
+    photo_select: bool = True       # pick among them by photometric consistency (minwm.eval.photometric)
 
 
 @dataclass
@@ -120,7 +136,13 @@ def estimate_poses(frames, intrinsics, cfg: PoseConfig | None = None) -> PoseEst
                              f"the video is too flat to estimate camera motion from")
         P, alive = _track(grey, key, pts, s, cfg)       # [n, N, 2] original pixels, [n, N]; row 0 = key
         n = len(P)
-        seg = _solve_segment(P, alive, K, cfg, rng)
+        cons = None
+        if cfg.photo_select:
+            from minwm.eval.photometric import Consistency
+            cons = Consistency(frames[key:key + len(P)], K)
+        seg = _solve_segment(P, alive, K, cfg, rng, consistency=cons)
+        if seg.translating and cfg.photometric:
+            _refine_photometric(frames[key:key + len(P)], K, seg, cfg)
         # Bring the segment into the world frame: local poses map keyframe camera -> frame camera.
         lam = 1.0
         if seg.translating:
@@ -226,8 +248,26 @@ def _seed_points(g: np.ndarray, s: int, cfg: PoseConfig, carried: np.ndarray | N
         return base
     block = 2 * s + 1
     new = cv2.goodFeaturesToTrack(g, want, 0.001, cfg.min_distance_px * s, mask=mask, blockSize=block)
-    new = np.zeros((0, 2)) if new is None else _from_up(new.reshape(-1, 2), s)
-    return np.concatenate([base, new])
+    new = np.zeros((0, 2)) if new is None else new.reshape(-1, 2)
+    if cfg.min_corner_ratio > 0 and len(new):
+        # Edges out, but never below a few times min_tracks (a view of little but stripes keeps its
+        # most corner-like points: weak tracks beat none).
+        ratio = _corner_ratio(g, new, cfg.window_px * s + 1)
+        keep = max(int((ratio >= cfg.min_corner_ratio).sum()), min(len(new), 4 * cfg.min_tracks - len(base)))
+        new = new[np.sort(np.argsort(-ratio, kind="stable")[:keep])]
+    return np.concatenate([base, _from_up(new, s)])
+
+
+def _corner_ratio(g: np.ndarray, x: np.ndarray, win: int) -> np.ndarray:
+    """Smaller over larger eigenvalue [N] of the gradient structure tensor over a Lucas-Kanade window
+    around upsampled-image points x [N, 2]. Near 0 is an edge: LK is free to slide along it (the
+    aperture problem), and a point that slides with the motion looks like a wrong depth or, along a
+    line that is not an epipolar line, like a different camera motion."""
+    ev = cv2.cornerEigenValsAndVecs(g, win, 3)[..., :2]
+    h, w = g.shape
+    xi = np.clip(np.round(x).astype(int), 0, [w - 1, h - 1])
+    lam = ev[xi[:, 1], xi[:, 0]]
+    return np.min(lam, 1) / np.maximum(np.max(lam, 1), 1e-12)
 
 
 def _track(grey: list[np.ndarray], key: int, pts: np.ndarray, s: int, cfg: PoseConfig):
@@ -289,14 +329,22 @@ def fit_rotation(x0: np.ndarray, x1: np.ndarray, K: np.ndarray, thr: float, rng:
     def resid(R):
         return np.linalg.norm(project(b0 @ R.T, K) - x1, axis=1)
 
-    best, best_in = np.eye(3), -1
+    best = np.eye(3)
     if n >= 2:
-        for _ in range(iters):
-            i, j = rng.choice(n, 2, replace=False)
-            R = kabsch(b0[[i, j]], b1[[i, j]])
-            k = int((resid(R) < thr).sum())
-            if k > best_in:
-                best, best_in = R, k
+        # All hypotheses at once: pairs (i, j != i), a Kabsch rotation per pair (batched SVD), and
+        # the inlier count of each over every point; the first best wins, as in a sequential loop.
+        i = rng.integers(n, size=iters)
+        j = (i + rng.integers(1, n, size=iters)) % n
+        H = np.einsum("hi,hj->hij", b1[i], b0[i]) + np.einsum("hi,hj->hij", b1[j], b0[j])
+        U, _, Vt = np.linalg.svd(H)
+        d = np.where(np.linalg.det(U @ Vt) < 0, -1.0, 1.0)
+        U[:, :, 2] *= d[:, None]
+        Rs = U @ Vt                                                    # [iters, 3, 3]
+        X = np.einsum("hij,nj->hni", Rs, b0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.stack([K[0, 0] * X[..., 0] / X[..., 2] + K[0, 2], K[1, 1] * X[..., 1] / X[..., 2] + K[1, 2]], -1)
+            count = (np.linalg.norm(x - x1, axis=-1) < thr).sum(1)
+        best = Rs[int(np.argmax(count))]
     R = best
     for _ in range(3):
         m = resid(R) < thr
@@ -317,8 +365,14 @@ class _Segment:
 
 
 def _solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseConfig,
-                   rng: np.random.Generator) -> _Segment:
+                   rng: np.random.Generator, sqrt_info: np.ndarray | None = None,
+                   strong: np.ndarray | None = None, consistency=None) -> _Segment:
+    """sqrt_info [n, N, 2, 2]: per-observation whitening for the bundle adjustment (None: isotropic);
+    strong [N]: tracks well localised in both directions, the only ones the robust fits sample;
+    consistency: `minwm.eval.photometric.Consistency` of the segment's frames, which then picks
+    between the bundle adjustment's distinct solutions (None: the lowest reprojection cost)."""
     n, N, _ = P.shape
+    fit_alive = alive if strong is None else alive & strong[None]
     poses = np.tile(np.eye(4), (n, 1, 1))
     tracks = alive.sum(1)
     resid = np.zeros(n)
@@ -326,7 +380,7 @@ def _solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseCon
     parallax = np.zeros(n)
     moving = np.zeros(n, bool)
     for r in range(1, n):
-        m = alive[r]
+        m = fit_alive[r] if fit_alive[r].sum() >= cfg.min_tracks else alive[r]
         if m.sum() < cfg.min_tracks:
             raise MinwmError(f"pose: only {int(m.sum())} tracks survive into frame {r} of a segment "
                              f"(need {cfg.min_tracks}); the video changes too much between frames")
@@ -344,7 +398,7 @@ def _solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseCon
         return _Segment(poses, tracks, resid, False, None)
 
     # Essential matrix on the pair with the most parallax fixes rotation, unit translation and structure.
-    m = alive[j]
+    m = fit_alive[j] if fit_alive[j].sum() >= cfg.min_tracks else alive[j]
     x0, xj = P[0][m], P[j][m]
     E, inl = cv2.findEssentialMat(x0, xj, K, cv2.RANSAC, 0.9999, cfg.ransac_px)
     if E is None or E.shape != (3, 3):
@@ -365,7 +419,7 @@ def _solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseCon
     rho = np.where(np.isfinite(z) & (z > 0), 1.0 / np.where(np.isfinite(z) & (z > 0), z, 1.0), 0.0)
     # LM is local and the geometry of small, narrow-field videos has shallow valleys (yaw vs strafe,
     # bas-relief), so besides the essential-matrix start try straight-line starts along each camera
-    # axis (rotations from the rotation-only fits) and keep the lowest robust cost.
+    # axis (rotations from the rotation-only fits).
     starts = [(poses, rho)]
     for axis in range(3):
         for sign in (1.0, -1.0):
@@ -375,20 +429,58 @@ def _solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseCon
             T0[:, axis, 3] = sign * np.arange(n) / (n - 1)
             starts.append((T0, np.full(N, 0.3)))
     use = alive.copy()
-    best = None
-    for T0, rho0 in starts:
-        cand = bundle_adjust(P, use, K, T0, rho0, huber_px=cfg.ransac_px)
-        if best is None or cand[3] < best[3]:
-            best = cand
-    poses, rho, err, _ = best
-    use = use & ~(err > cfg.outlier_px)
-    poses, rho, err, _ = bundle_adjust(P, use, K, poses, rho, huber_px=cfg.ransac_px)
+    ba = dict(huber_px=cfg.ransac_px, sqrt_info=sqrt_info, loss=cfg.ba_loss)
+    # A few iterations from every start separate the basins; only the lowest-cost few are solved
+    # fully (this adjustment is most of the estimator's time), each twice, the second time without
+    # its gross outliers. Starts that end in the same basin are solved once.
+    probes = [bundle_adjust(P, use, K, T0, rho0, iters=cfg.ba_probe_iters, **ba) for T0, rho0 in starts]
+    finals = []
+    for i in np.argsort([c[3] for c in probes], kind="stable"):
+        if len(finals) == cfg.ba_keep:
+            break
+        cand = bundle_adjust(P, use, K, probes[i][0], probes[i][1], **ba)
+        if any(_path_angle(cand[0], f[0][0]) < 0.5 for f in finals):
+            continue
+        u = use & ~(cand[2] > cfg.outlier_px)
+        finals.append((bundle_adjust(P, u, K, cand[0], cand[1], **ba), u, cand[3]))
+    best = min(range(len(finals)), key=lambda k: finals[k][2])
+    if consistency is not None and len(finals) > 1:
+        # The reprojection costs of different basins are close where the geometry is weak (yaw vs
+        # strafe, pitch vs vertical move); the colours of all textured pixels decide between them.
+        scores = [consistency(f[0][0], _rho_max(f[0][1])) for f in finals]
+        best = int(np.argmin(scores))
+    (poses, rho, err, _), use, _ = finals[best]
     use = use & ~(err > cfg.outlier_px)
     for r in range(1, n):
         e = err[r][use[r]]
         resid[r] = float(np.median(e)) if len(e) else float("nan")
     points = _rays(P[0], K) / np.where(rho > 0, rho, np.nan)[:, None]
     return _Segment(poses, tracks, resid, True, points)
+
+
+def _path_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest rotation angle (degrees) between two camera paths [n, 4, 4], frame by frame."""
+    R = np.einsum("nij,nkj->nik", a[:, :3, :3], b[:, :3, :3])
+    c = (np.trace(R, axis1=1, axis2=2) - 1) / 2
+    return float(np.degrees(np.arccos(np.clip(c, -1, 1))).max())
+
+
+def _rho_max(rho: np.ndarray) -> float:
+    """Upper end of a depth sweep: the nearest feature points' inverse depth, with margin."""
+    good = rho[np.isfinite(rho) & (rho > 0)]
+    return float(np.percentile(good, 98) * 1.5) if len(good) else 1.0
+
+
+def _refine_photometric(frames: np.ndarray, K: np.ndarray, seg: _Segment, cfg: PoseConfig) -> None:
+    """Replace the segment's poses by their direct-alignment refinement (in place)."""
+    from minwm.eval.photometric import PhotoConfig, refine_segment
+    z = seg.points[:, 2]
+    good = np.isfinite(z) & (z > 0)
+    if not good.any():
+        return
+    rho_max = float(np.percentile(1.0 / z[good], 98) * 1.5)
+    seg.poses, _, _ = refine_segment(frames, K, seg.poses, rho_max, PhotoConfig(max_pixels=cfg.photo_pixels),
+                                     depth_pose_lm)
 
 
 def _rays(x: np.ndarray, K: np.ndarray) -> np.ndarray:
@@ -410,54 +502,88 @@ def so3_exp(w: np.ndarray) -> np.ndarray:
 
 
 def bundle_adjust(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.ndarray, rho: np.ndarray,
-                  huber_px: float = 1.0, iters: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                  huber_px: float = 1.0, iters: int = 40, sqrt_info: np.ndarray | None = None,
+                  loss: str = "huber") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Levenberg-Marquardt over the poses of frames 1..n-1 and one inverse depth per track.
 
     Track k is the point rho_k^-1 * ray_k of the keyframe (row 0, exact by construction), so it
     appears in frame r at proj(R_r ray_k + rho_k t_r): linear in rho and t, and rho = 0 is a point at
     infinity, which keeps far points (pure rotation evidence) in the problem. Huber loss on pixel
-    residuals. The scale gauge is fixed by rescaling to max |t_r| = 1 after every accepted step;
-    the damping handles the null direction in between. Points are eliminated by the Schur
-    complement (each has one parameter), so the solve is one dense (6n)x(6n) system.
+    residuals. sqrt_info [n, N, 2, 2] (optional) whitens each observation's pixel residual: a track
+    on an edge is known across the edge only, and its residual along the edge should not count.
 
-    Returns poses [n, 4, 4], rho [N], the residual norm [n, N] of every observation (NaN where
-    none) and the final robust cost."""
+    Returns poses [n, 4, 4], rho [N], the (whitened) residual norm [n, N] of every observation (NaN
+    where none) and the final robust cost."""
     n, N, _ = P.shape
-    b = _rays(P[0], K)
-    R, t, rho = poses[:, :3, :3].copy(), poses[:, :3, 3].copy(), np.maximum(rho.copy(), 0.0)
     fr, pt = np.nonzero(alive[1:])
     fr = fr + 1
     obs = P[fr, pt]
+    L = None if sqrt_info is None else sqrt_info[fr, pt]
+
+    def residual(x, ok):
+        r = x - obs
+        if L is None:
+            return r, np.broadcast_to(np.eye(2), (len(r), 2, 2))
+        return np.einsum("mij,mj->mi", L, r), L
+
+    return depth_pose_lm(_rays(P[0], K), fr, pt, K, poses, rho, residual, huber_px, iters, loss)
+
+
+def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarray, poses: np.ndarray,
+                  rho: np.ndarray, residual, huber: float, iters: int = 40, loss: str = "huber"
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Levenberg-Marquardt over the poses of frames 1..n-1 (poses [n, 4, 4], row 0 fixed) and an
+    inverse depth per keyframe ray (rays [N, 3], z = 1), for observations (frame fr[i], ray pt[i]).
+
+    Ray k's point rho_k^-1 * ray_k appears in frame r at x = proj(R_r ray_k + rho_k t_r): linear in
+    rho and t, and rho = 0 is a point at infinity (pure rotation evidence stays in the problem).
+    `residual(x [M, 2], ok [M]) -> (r [M, d], dr/dx [M, d, 2])` turns projections into residual
+    vectors (reprojection errors, or colour differences for direct alignment); Huber loss on their
+    norms; observations behind the camera count as gross errors. The scale gauge is fixed by
+    rescaling to max |t_r| = 1 after every accepted step; the damping handles the null direction in
+    between. Points are eliminated by the Schur complement (one parameter each), so each step is one
+    dense (6n)x(6n) solve.
+
+    Returns poses, rho [N], the residual norm [n, N] of every observation (NaN where none) and the
+    final robust cost."""
+    n, N = len(poses), len(rays)
+    b = rays
+    R, t, rho = poses[:, :3, :3].copy(), poses[:, :3, 3].copy(), np.maximum(rho.copy(), 0.0)
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
     m = n - 1
+    gross = 1e3 * huber
 
     def evaluate(R, t, rho):
         X = np.einsum("mij,mj->mi", R[fr], b[pt]) + rho[pt, None] * t[fr]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.stack([fx * X[:, 0] / X[:, 2] + cx, fy * X[:, 1] / X[:, 2] + cy], -1) - obs
-            e = np.linalg.norm(r, axis=1)
-        e = np.where((X[:, 2] > 1e-9) & np.isfinite(e), e, 1e3)       # behind the camera: a gross error
-        cost = np.sum(np.where(e < huber_px, 0.5 * e * e, huber_px * (e - 0.5 * huber_px)))
-        return X, r, e, cost
+        ok = X[:, 2] > 1e-9
+        Z = np.where(ok, X[:, 2], 1.0)
+        x = np.stack([fx * X[:, 0] / Z + cx, fy * X[:, 1] / Z + cy], -1)
+        r, G = residual(x, ok)
+        e = np.linalg.norm(r, axis=1)
+        ok &= np.isfinite(e)
+        e = np.where(ok, e, gross)                                      # behind the camera: a gross error
+        cost = _robust_cost(e, huber, loss)
+        return X, np.where(ok[:, None], r, 0.0), G, e, cost
 
-    X, r, e, cost = evaluate(R, t, rho)
+    X, r, G, e, cost = evaluate(R, t, rho)
     mu, done = 1e-3, False
     for _ in range(iters if len(fr) else 0):
-        w = np.where(e < huber_px, 1.0, huber_px / np.maximum(e, 1e-12))
+        w = _robust_weight(e, huber, loss) * (e < gross)
         Z = X[:, 2]
         Jp = np.zeros((len(fr), 2, 3))
         Jp[:, 0, 0], Jp[:, 0, 2] = fx / Z, -fx * X[:, 0] / Z ** 2
         Jp[:, 1, 1], Jp[:, 1, 2] = fy / Z, -fy * X[:, 1] / Z ** 2
+        Jp = G @ Jp
         Jc = np.concatenate([-Jp @ _skew(np.einsum("mij,mj->mi", R[fr], b[pt])), Jp * rho[pt, None, None]], -1)
         Jr = np.einsum("mij,mj->mi", Jp, t[fr])
-        wr = np.where(np.isfinite(r), r, 0.0)
+        Jc, Jr = np.where(np.isfinite(Jc), Jc, 0.0), np.where(np.isfinite(Jr), Jr, 0.0)
         q = fr - 1
         JJ = w[:, None] * np.einsum("mki,mkj->mij", Jc, Jc).reshape(-1, 36)
-        Jg = w[:, None] * np.einsum("mki,mk->mi", Jc, wr)
-        U = np.stack([np.bincount(q, JJ[:, k], m) for k in range(36)], -1).reshape(m, 6, 6)
-        gU = np.stack([np.bincount(q, Jg[:, k], m) for k in range(6)], -1)
+        Jg = w[:, None] * np.einsum("mki,mk->mi", Jc, r)
+        U = np.bincount((q[:, None] * 36 + np.arange(36)).ravel(), JJ.ravel(), 36 * m).reshape(m, 6, 6)
+        gU = np.bincount((q[:, None] * 6 + np.arange(6)).ravel(), Jg.ravel(), 6 * m).reshape(m, 6)
         V = np.bincount(pt, w * (Jr * Jr).sum(1), N)
-        gV = np.bincount(pt, w * (Jr * wr).sum(1), N)
+        gV = np.bincount(pt, w * (Jr * r).sum(1), N)
         Wm = np.zeros((m, N, 6))
         Wm[q, pt] = w[:, None] * np.einsum("mki,mk->mi", Jc, Jr)
         Wf = Wm.transpose(0, 2, 1).reshape(6 * m, N)
@@ -481,10 +607,10 @@ def bundle_adjust(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.nda
             scale = np.linalg.norm(t2, axis=1).max()
             if scale > 1e-12:
                 t2, rho2 = t2 / scale, rho2 * scale
-            X2, r2, e2, cost2 = evaluate(R2, t2, rho2)
+            X2, r2, G2, e2, cost2 = evaluate(R2, t2, rho2)
             if cost2 < cost:
                 done = cost - cost2 < 1e-9 * cost
-                R, t, rho, X, r, e, cost = R2, t2, rho2, X2, r2, e2, cost2
+                R, t, rho, X, r, G, e, cost = R2, t2, rho2, X2, r2, G2, e2, cost2
                 mu = max(mu / 3, 1e-9)
                 improved = True
                 break
@@ -496,6 +622,21 @@ def bundle_adjust(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.nda
     err = np.full((n, N), np.nan)
     err[fr, pt] = e
     return out, rho, err, float(cost)
+
+
+def _robust_cost(e: np.ndarray, c: float, loss: str) -> float:
+    """Sum of the robust loss of residual norms e at scale c: "huber" (quadratic, then linear) or
+    "cauchy" (c^2/2 log(1 + (e/c)^2): a gross error's pull fades instead of staying constant)."""
+    if loss == "cauchy":
+        return float(np.sum(0.5 * c * c * np.log1p((e / c) ** 2)))
+    return float(np.sum(np.where(e < c, 0.5 * e * e, c * (e - 0.5 * c))))
+
+
+def _robust_weight(e: np.ndarray, c: float, loss: str) -> np.ndarray:
+    """IRLS weight loss'(e) / e of `_robust_cost`."""
+    if loss == "cauchy":
+        return 1.0 / (1.0 + (e / c) ** 2)
+    return np.where(e < c, 1.0, c / np.maximum(e, 1e-12))
 
 
 def _triangulate_pair(x0, x1, T, K, cfg) -> np.ndarray:

@@ -14,6 +14,8 @@ What the model is given (the toy is T2V, so it cannot start from nothing and be 
   same context as the streaming stages.
 The sampler follows the stage recorded in the checkpoint's metrics.json: bidirectional -> bidirectional,
 ar -> multi-step AR per chunk (CFG), ode / cd / dmd (or unknown) -> the few-step streaming sampler.
+Every case's model and baseline videos are generated together in batches of equal length
+(CheckpointRunner.generate_batch; each video draws its own seeded noise, so it does not depend on its batch).
 
 What is scored:
 - PSNR / SSIM per generated pixel frame against the render (context frames are not scored; their VAE round trip,
@@ -31,6 +33,7 @@ Headline numbers average the cases at the training clip length; long cases are s
 from __future__ import annotations
 
 import math
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -42,7 +45,7 @@ import torch
 
 from minwm.cameras.camera import Cameras
 from minwm.errors import MinwmError
-from minwm.eval.checkpoints import SAMPLERS, CheckpointRunner, checkpoint_names, fixed_cameras
+from minwm.eval.checkpoints import SAMPLERS, CheckpointRunner, GenItem, checkpoint_names, fixed_cameras
 from minwm.eval.suite import Case, Suite, check_heldout, get_suite, render_case, suite_cases, with_overrides
 
 METRIC_KEYS = ("rot_err", "rot_err_deg", "trans_err", "cam_mc", "direction_accuracy", "psnr", "ssim")
@@ -140,6 +143,13 @@ class _Job:
         except BrokenProcessPool:
             self.owner.broken()
             return score_camera(*self.args)
+
+
+def default_pose_workers() -> int:
+    """2 background pose processes where there are 2 cores or more (0, inline, on one core): pose estimation is
+    most of an evaluation's CPU time, and with two workers it runs on both cores while videos are generated and
+    after (the main process also takes jobs no worker has started); more would only queue for the same cores."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 0
 
 
 class PoseJobs:
@@ -278,14 +288,16 @@ def _check_length(runner: CheckpointRunner, L: int, suite: Suite) -> None:
 def evaluate(ckpts: dict | Sequence, suite: str | Suite = "toy-heldout", out_dir: Optional[str | Path] = None, *,
              sampler: str = "auto", device: str = "cpu", threads: int = 1, seed: int = 0,
              latent_frames: Optional[int] = None, multistep_steps: Optional[int] = None,
-             pose_workers: int = 1, progress: bool = True, echo=print) -> dict:
+             pose_workers: Optional[int] = None, batch_size: int = 16, progress: bool = True, echo=print) -> dict:
     """Run `suite` on each checkpoint and its fixed-camera baseline; returns the metrics.json content and, with
     out_dir, writes report.md, metrics.json and the PNGs there (atomically: all or nothing).
 
     ckpts: {name: dir} or a list of dirs (named by their directory name). The result's "checkpoints" maps each
     name to {rot_err, rot_err_deg, trans_err, cam_mc, direction_accuracy, psnr, ssim, ..., "baseline": {same}}.
     threads: torch / OpenCV threads of the generating process (1 is fastest on a shared machine: more threads
-    contend for the cores); pose_workers: background processes estimating cameras meanwhile (0: inline)."""
+    contend for the cores); pose_workers: background processes estimating cameras meanwhile (0: inline; None:
+    default_pose_workers()); batch_size: videos generated together (items of equal length, see
+    CheckpointRunner.iter_generate)."""
     import cv2
 
     names = checkpoint_names(ckpts)
@@ -295,8 +307,12 @@ def evaluate(ckpts: dict | Sequence, suite: str | Suite = "toy-heldout", out_dir
     suite_obj = with_overrides(suite_obj, latent_frames=latent_frames, multistep_steps=multistep_steps)
     if sampler not in SAMPLERS:
         raise MinwmError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if pose_workers is None:
+        pose_workers = default_pose_workers()
     if pose_workers < 0:
         raise MinwmError(f"pose_workers: expected >= 0, got {pose_workers}")
+    if batch_size < 1:
+        raise MinwmError(f"batch_size: expected >= 1, got {batch_size}")
     old_threads, old_cv = torch.get_num_threads(), cv2.getNumThreads()
     if threads:
         torch.set_num_threads(threads)
@@ -314,7 +330,8 @@ def evaluate(ckpts: dict | Sequence, suite: str | Suite = "toy-heldout", out_dir
             if jobs is None:   # started after the first checkpoint loaded, so a bad one fails fast
                 jobs = PoseJobs(pose_workers, echo)
             try:
-                results[name] = _run_checkpoint(runner, suite_obj, seed, gts, showcase, context_psnr, progress, jobs)
+                results[name] = _run_checkpoint(runner, suite_obj, seed, gts, showcase, context_psnr, progress, jobs,
+                                                batch_size)
             finally:
                 runner.close()
             results[name]["time_s"] = round(time.perf_counter() - t0, 1)
@@ -350,7 +367,7 @@ def evaluate(ckpts: dict | Sequence, suite: str | Suite = "toy-heldout", out_dir
 
 
 def _run_checkpoint(runner: CheckpointRunner, suite: Suite, seed: int, gts: dict, showcase: dict,
-                    context_psnr: list, progress: bool, jobs: PoseJobs) -> dict:
+                    context_psnr: list, progress: bool, jobs: PoseJobs, batch_size: int = 16) -> dict:
     from tqdm import tqdm
 
     from minwm.cameras.actions import parse_actions
@@ -366,9 +383,9 @@ def _run_checkpoint(runner: CheckpointRunner, suite: Suite, seed: int, gts: dict
     start = T * (n_ctx - 1)          # last context pixel frame: camera metrics start here
     first_scored = start + 1         # first generated pixel frame
     vae_key = (str(runner.path), n_ctx)
-    model_recs, base_recs = [], []
-    pending = []                     # (record, pose result, showcase entry or None, label)
-    for case in tqdm(cases, desc=f"eval {runner.name}", unit="case", disable=not progress):
+    # 1. Ground truth of every case (render, the estimator's reading of it in the pose workers, context latents).
+    prepared = []                    # (case, gt, context, latent cameras, seed, showcase entry or None)
+    for case in cases:
         key = (case.name, case.latent_frames, suite.seed, runner.render_key())
         gt = gts.get(key) or _GT_MEMO.get(key)
         if gt is not None:
@@ -381,28 +398,44 @@ def _run_checkpoint(runner: CheckpointRunner, suite: Suite, seed: int, gts: dict
             gt.reference = jobs.submit(gt.frames, gt.cameras, gt.steps[n_ctx - 1:], start, T)
         if vae_key not in gt.context:
             gt.context[vae_key] = runner.encode_context(gt.frames)
-        context = gt.context[vae_key]
-        lat = gt.cameras[::T]
-        s = case_seed(seed, case)
-        base = {"name": case.name, "trajectory": case.trajectory, "group": case.group}
         sc = None
         if case.trajectory in suite.strips and case.scene == 0 and not case.long:
             sc = showcase.setdefault(case.name, {"gt": gt.frames, "gt_cameras": gt.cameras, "first": first_scored,
                                                  "start": start, "program": case.program})
             if runner.has_camera:
                 sc["reference"] = gt.reference
+        prepared.append((case, gt, gt.context[vae_key], gt.cameras[::T], case_seed(seed, case), sc))
+    # 2. Every video (the model's and its fixed-camera baseline's are two items of the same batches), scored as
+    # each batch comes out: images here, cameras in the pose workers while the next batch is generated.
+    items, owners = [], []           # owners[i]: (index into prepared, "model" | "baseline")
+    for j, (case, gt, context, lat, s, sc) in enumerate(prepared):
         runs = [("model", lat)] + ([("baseline", fixed_cameras(lat))] if runner.has_camera else [])
         for which, cams in runs:
-            frames = runner.generate(gt.frames, cams, gt.caption, s, context)
-            rec = dict(base, **score_images(frames, gt.frames, first_scored))
+            items.append(GenItem(gt.frames, cams, gt.caption, s, context))
+            owners.append((j, which))
+    recs: list[Optional[dict]] = [None] * len(items)
+    ctx_psnr: dict[int, float] = {}
+    pending = []                     # (record, pose result, showcase entry or None, label)
+    bar = tqdm(total=len(items), desc=f"eval {runner.name}", unit="video", disable=not progress)
+    for idx, videos in runner.iter_generate(items, batch_size):
+        for i, frames in zip(idx, videos):
+            j, which = owners[i]
+            case, gt, _, _, _, sc = prepared[j]
+            rec = dict({"name": case.name, "trajectory": case.trajectory, "group": case.group},
+                       **score_images(frames, gt.frames, first_scored))
             if which == "model" and first_scored > 1:
-                context_psnr.append(min(psnr(frames[1:first_scored], gt.frames[1:first_scored]), PSNR_CAP))
+                ctx_psnr[j] = min(psnr(frames[1:first_scored], gt.frames[1:first_scored]), PSNR_CAP)
             label = runner.name if which == "model" else f"{runner.name} (baseline)"
             if sc is not None:
                 sc[label] = frames
             if runner.has_camera:
                 pending.append((rec, jobs.submit(frames, gt.cameras, gt.steps[n_ctx - 1:], start, T), sc, label))
-            (model_recs if which == "model" else base_recs).append(rec)
+            recs[i] = rec
+        bar.update(len(idx))
+    bar.close()
+    context_psnr.extend(ctx_psnr[j] for j in sorted(ctx_psnr))      # case order, as the mean was summed before
+    model_recs = [r for r, (_, w) in zip(recs, owners) if w == "model"]
+    base_recs = [r for r, (_, w) in zip(recs, owners) if w == "baseline"]
     for rec, fut, sc, label in tqdm(pending, desc=f"poses {runner.name}", unit="video",
                                     disable=not progress or not pending):
         cam = fut.result()

@@ -162,4 +162,8 @@ def multistep_chunk(backbone, noise: torch.Tensor, cond_c: Conditioning, cond_u:
 def bidirectional_sample(backbone, noise: torch.Tensor, cond_c: Conditioning, cond_u: Optional[Conditioning],
                          steps: int, shift: float, guidance: float, sampler: str) -> torch.Tensor:
     """The whole clip at once (every frame attends to every frame), N steps with CFG."""
-    return integrate(_guided(backbone, cond_c, cond_u, guidance, mode="bidirectional"), noise, steps, shift, sampler)
+    x0 = integrate(_guided(backbone, cond_c, cond_u, guidance, mode="bidirectional"), noise, steps, shift, sampler)
+    if cond_c.clean_first is not None:   # the integrator never moved frame 0: it is the condition itself
+        x0 = x0.clone()
+        x0[:, :, :1] = cond_c.clean_first.to(x0.dtype)
+    return x0
