@@ -40,8 +40,12 @@ STAGE2 = ("cd", "ode")
 # (batch 8 x 6 latent frames x 64 tokens, 4 layers of width 128) and scale with it; once steps have run, the
 # remaining estimates are multiplied by how much slower or faster the finished ones went (the "pace").
 REF_WORK = 8 * 6 * 64 * 4 * 128 ** 2
-REF_S = {"render": 0.06, "vae": 0.30, "encode": 0.25, "bidirectional": 1.2, "ar": 2.5, "ode-data": 1.5,
-         "ode": 2.5, "cd": 5.0, "dmd": 5.0, "eval": 45.0, "samples": 4.0, "bench": 40.0, "report": 3.0}
+# Measured by `make quickstart` on the quiet 2-core machine (2026-11-25, 15m26s with the install): render 4.8 s
+# for 256 clips, vae 177 s / 600 steps, encode 29.5 s / 256 clips, bidirectional 181 s / 900 steps, ar 65 s / 160,
+# cd 39 s / 50, dmd 27 s / 50, eval 357 s for 4 stages, samples 3.9 s, bench 5.5 s. ode-data / ode were not
+# re-measured at these settings: scaled from the older figures by the bidirectional step's speed-up.
+REF_S = {"render": 0.02, "vae": 0.30, "encode": 0.12, "bidirectional": 0.20, "ar": 0.41, "ode-data": 0.25,
+         "ode": 0.41, "cd": 0.78, "dmd": 0.54, "eval": 90.0, "samples": 1.0, "bench": 6.0, "report": 0.5}
 
 
 # ---- small pure helpers (unit-tested) -----------------------------------------------------------------------

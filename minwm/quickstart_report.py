@@ -346,13 +346,15 @@ def control_table(evals: dict[str, dict]) -> list[str]:
 def render_report(summary: dict, samples: Optional[dict], stage_dirs: dict[str, Path], out: Path,
                   curves: Optional[Path]) -> str:
     wall = summary["wall_time_s"]
+    given = next((c["conditioning"] for c in (summary.get("eval") or {}).values()
+                  if isinstance(c, dict) and c.get("conditioning")), "first chunk")
     L = ["# minwm quickstart", "",
          f"Stages: {' -> '.join(summary['stages'])}. Total wall time of the steps: "
          f"{_f(wall.get('total'), '.0f')} s. Play the final model:", "", "```", summary["play"], "```", "",
          "## Latency (Table 1 for the toy)", "", *latency_table(summary["bench"]), "",
          "## Camera control on held-out scenes", "",
          "The camera of every generated video is estimated from its frames and compared with the commanded one; "
-         "each model is given the first chunk of the held-out render as context. The no-camera baseline is the "
+         f"each model's context is the held-out render's {given}. The no-camera baseline is the "
          "same model, seeds and context with its camera input held at the start camera. Full evaluation (per "
          "trajectory, error against frame, strips with the baselines): [eval/report.md](eval/report.md).", "",
          *control_table(summary["eval"]), ""]
