@@ -49,6 +49,15 @@ def _scene(rng, n=80):
     return K, X, poses, P
 
 
+def _noisy_scene(seed: int, n: int, sigma_px: float):
+    """_scene plus tracks with Gaussian pixel noise (frame 0 exact, as the keyframe is); all alive."""
+    rng = np.random.default_rng(seed)
+    K, X, poses, P = _scene(rng, n)
+    Pn = P + rng.normal(0, sigma_px, P.shape)
+    Pn[0] = P[0]
+    return rng, K, poses, P, Pn, np.ones(P.shape[:2], bool)
+
+
 def test_whitened_bundle_adjustment_ignores_errors_along_the_weak_direction():
     # Every observation is off by 1.5 px along its own direction u, and its information says it is
     # known only across u (an edge): the whitened solve recovers the poses, the plain one does not.
@@ -73,12 +82,8 @@ def test_whitened_bundle_adjustment_ignores_errors_along_the_weak_direction():
 
 
 def test_generic_solver_with_reprojection_residual_matches_bundle_adjust():
-    rng = np.random.default_rng(1)
-    K, X, poses, P = _scene(rng, 40)
+    rng, K, poses, P, Pn, alive = _noisy_scene(1, 40, 0.2)
     n, N = P.shape[:2]
-    Pn = P + rng.normal(0, 0.2, P.shape)
-    Pn[0] = P[0]
-    alive = np.ones((n, N), bool)
     a = bundle_adjust(Pn, alive, K, poses, np.full(N, 0.3))
     fr, pt = np.nonzero(alive[1:])
     fr = fr + 1
@@ -142,15 +147,11 @@ def test_consistency_scores_the_true_path_below_a_turned_one():
 
 
 def test_cauchy_loss_shrugs_off_gross_outliers_that_bend_huber():
-    rng = np.random.default_rng(2)
-    K, X, poses, P = _scene(rng, 60)
+    rng, K, poses, P, Pn, alive = _noisy_scene(2, 60, 0.05)
     n, N = P.shape[:2]
-    Pn = P + rng.normal(0, 0.05, P.shape)
-    Pn[0] = P[0]
     bad = rng.random((n, N)) < 0.2
     bad[0] = False
     Pn[bad] += rng.uniform(3, 8, (bad.sum(), 2)) * rng.choice([-1, 1], (bad.sum(), 2))
-    alive = np.ones((n, N), bool)
     err = lambda T: max(np.linalg.norm(T[r, :3, :3] - poses[r, :3, :3]) for r in range(n))  # noqa: E731
     cauchy = bundle_adjust(Pn, alive, K, poses, np.full(N, 0.3), loss="cauchy")[0]
     huber = bundle_adjust(Pn, alive, K, poses, np.full(N, 0.3), loss="huber")[0]
