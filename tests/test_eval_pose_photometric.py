@@ -6,7 +6,8 @@ import torch
 
 from minwm.cameras.actions import _rot_x, _rot_y
 from minwm.eval.photometric import Consistency, PhotoConfig, cubic_matrix, refine_segment, sample, select_pixels, upsample
-from minwm.eval.pose import bundle_adjust, depth_pose_lm, pixel_matrix, so3_exp
+from minwm.eval.bundle import bundle_adjust, depth_pose_lm, so3_exp
+from minwm.eval.pose import pixel_matrix
 
 torch.set_num_threads(1)
 KN = np.array([0.866, 0.866, 0.5, 0.5])
@@ -128,7 +129,7 @@ def test_direct_refinement_pulls_perturbed_poses_back_to_a_plane_scene():
     frames, K, poses = _plane_video()
     start = poses.copy()
     start[1:, :3, :3] = so3_exp(np.array([0.0, math.radians(0.6), 0.0])) @ poses[1:, :3, :3]
-    got, xy, rho = refine_segment(frames, K, start, 2.0, PhotoConfig(max_pixels=400), depth_pose_lm)
+    got, xy, rho = refine_segment(frames, K, start, 2.0, PhotoConfig(max_pixels=400))
     angle = lambda T: max(math.degrees(math.acos(np.clip((np.trace(T[r, :3, :3].T @ poses[r, :3, :3]) - 1) / 2,  # noqa: E731
                                                          -1, 1))) for r in range(1, 5))
     assert len(xy) > 100
@@ -157,7 +158,7 @@ def test_cauchy_loss_shrugs_off_gross_outliers_that_bend_huber():
     huber = bundle_adjust(Pn, alive, K, poses, np.full(N, 0.3), loss="huber")[0]
     assert err(cauchy) < 0.5 * err(huber)
     # The IRLS weight is the loss's derivative over the residual.
-    from minwm.eval.pose import _robust_cost, _robust_weight
+    from minwm.eval.bundle import _robust_cost, _robust_weight
     e = np.array([0.3, 1.0, 4.0])
     d = (np.array([_robust_cost(np.array([v + 1e-6]), 1.0, "cauchy") for v in e])
          - np.array([_robust_cost(np.array([v - 1e-6]), 1.0, "cauchy") for v in e])) / 2e-6

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from minwm.eval.bundle import depth_pose_lm
+
 
 def cubic_matrix(n: int, s: int) -> np.ndarray:
     """[n*s, n] matrix upsampling a length-n signal s times with the Catmull-Rom cubic (Keys, a = -1/2),
@@ -186,11 +188,11 @@ class Consistency:
 
 
 def refine_segment(frames: np.ndarray, K: np.ndarray, poses: np.ndarray, rho_max: float,
-                   cfg: PhotoConfig | None = None, lm=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   cfg: PhotoConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Poses [n, 4, 4] (keyframe camera -> frame camera, max |t| = 1) of frames [n, H, W, 3] (row 0 the
     keyframe) refined by direct alignment from the feature-based `poses`; rho_max bounds the
-    inverse depths of the sweep (the nearest feature point's, with margin). `lm` is the solver
-    (minwm.eval.pose.depth_pose_lm; passed in to keep the import one-way).
+    inverse depths of the sweep (the nearest feature point's, with margin); solved by
+    minwm.eval.bundle.depth_pose_lm.
 
     Returns poses, the keyframe pixels used [N, 2] and their inverse depths [N]."""
     cfg = cfg or PhotoConfig()
@@ -223,5 +225,5 @@ def refine_segment(frames: np.ndarray, K: np.ndarray, poses: np.ndarray, rho_max
                 G[a:b] = np.where(vis[:, None, None], g, 0.0)
             return r, G
 
-        poses, rho, _, _ = lm(rays, fr_idx, pt_idx, K, poses, rho, residual, cfg.huber, cfg.iters)
+        poses, rho, _, _ = depth_pose_lm(rays, fr_idx, pt_idx, K, poses, rho, residual, cfg.huber, cfg.iters)
     return poses, xy, rho
