@@ -45,3 +45,19 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json(path: str | os.PathLike):
+    """The parsed JSON of a file; unreadable or invalid JSON is a one-line MinwmError naming the file (callers
+    check existence first when they have a better message for a missing file)."""
+    import json
+
+    from minwm.errors import MinwmError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MinwmError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:   # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise MinwmError(f"{path}: not valid JSON ({e})") from None

@@ -21,3 +21,18 @@ def test_atomic_dir_replaces_existing(tmp_path):
     assert (target / "x").read_text() == "b" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     write_json(tmp_path / "m.json", {"a": 1})
     assert (tmp_path / "m.json").read_text().strip().startswith("{")
+
+
+def test_read_json_names_the_file_on_bad_input(tmp_path):
+    from minwm.errors import MinwmError
+    from minwm.io import read_json
+
+    good = tmp_path / "a.json"
+    good.write_text('{"x": [1, 2]}')
+    assert read_json(good) == {"x": [1, 2]}
+    bad = tmp_path / "b.json"
+    bad.write_text("{not json")
+    for path, needle in ((bad, "not valid JSON"), (tmp_path / "missing.json", "not found")):
+        with pytest.raises(MinwmError) as e:
+            read_json(path)
+        assert str(path) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)

@@ -8,7 +8,6 @@ keeps what the target format can hold.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from minwm.cameras.camera import Cameras
@@ -16,6 +15,7 @@ from minwm.cameras.jsonfmt import FORMAT as JSON_FORMAT, load_json, save_json
 from minwm.cameras.nerfstudio import load_nerfstudio, save_nerfstudio
 from minwm.cameras.re10k import load_re10k, save_re10k
 from minwm.errors import MinwmError
+from minwm.io import read_json
 
 FORMATS = ("json", "re10k", "nerfstudio")
 _LOADERS = {"json": load_json, "re10k": load_re10k, "nerfstudio": load_nerfstudio}
@@ -33,10 +33,7 @@ def detect_format(path: str | Path) -> str:
     if path.suffix.lower() == ".txt":
         return "re10k"
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MinwmError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path)
         if isinstance(data, dict):
             fmt = data.get("format")
             if isinstance(fmt, str) and fmt.startswith("minwm.cameras/"):

@@ -26,7 +26,7 @@ import torch
 
 from minwm.cameras.camera import Cameras, ORTHONORMAL_TOL, orthonormal_violation
 from minwm.errors import MinwmError
-from minwm.io import write_text
+from minwm.io import read_json, write_text
 
 FORMAT = "minwm.cameras/1"
 TOP_KEYS = ("format", "image_size", "source", "frames")
@@ -113,10 +113,7 @@ def parse_json(data, where: str = "<cameras.json>") -> tuple[Cameras, dict]:
 
 def load_json(path: str | Path) -> tuple[Cameras, dict]:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinwmError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     return parse_json(data, str(path))
 
 

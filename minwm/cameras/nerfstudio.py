@@ -8,7 +8,6 @@ meta['nerfstudio'] so that an export gives them back.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from minwm.cameras.camera import Cameras, ORTHONORMAL_TOL, orthonormal_violation
 from minwm.errors import MinwmError
-from minwm.io import write_json
+from minwm.io import read_json, write_json
 
 INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y")
 # OpenGL camera axes -> OpenCV camera axes: flip the camera's y and z (right-multiply the c2w).
@@ -119,10 +118,7 @@ def load_nerfstudio(path: str | Path) -> tuple[Cameras, dict]:
         path = path / "transforms.json"
         if not path.is_file():
             raise MinwmError(f"{path}: not found (a nerfstudio scene folder holds transforms.json)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinwmError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     return parse_nerfstudio(data, str(path))
 
 

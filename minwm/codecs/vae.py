@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from minwm.errors import MinwmError
+from minwm.io import read_json
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -89,10 +90,7 @@ def read_model_config(folder: Path) -> dict[str, Any]:
         raise MinwmError(f"{folder}: codec directory not found")
     if not cfg.is_file():
         raise MinwmError(f"{cfg}: missing (expected a diffusers model directory with config.json)")
-    try:
-        data = json.loads(cfg.read_text())
-    except ValueError as e:
-        raise MinwmError(f"{cfg}: not valid JSON ({e})") from None
+    data = read_json(cfg)
     if not isinstance(data, dict):
         raise MinwmError(f"{cfg}: expected a JSON object")
     return data

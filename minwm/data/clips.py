@@ -16,7 +16,6 @@ whose shard is incomplete; shard bytes depend only on the content (fixed zip tim
 from __future__ import annotations
 
 import io
-import json
 import re
 import warnings
 import zipfile
@@ -29,7 +28,7 @@ import torch
 
 from minwm.cameras.camera import Cameras
 from minwm.errors import MinwmError
-from minwm.io import atomic_path, write_json
+from minwm.io import atomic_path, read_json, write_json
 
 FORMAT, VERSION = "minwm-clips", 1
 INDEX = "index.json"
@@ -130,10 +129,7 @@ def read_index(root: str | Path) -> dict:
     path = root / INDEX
     if not path.is_file():
         raise MinwmError(f"{root}: not a clip dataset (no {INDEX})")
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MinwmError(f"{path}: not valid JSON ({e})") from None
+    index = read_json(path)
     if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("clips"), list):
         raise MinwmError(f"{path}: expected {{'format': '{FORMAT}', 'version': {VERSION}, 'clips': [...]}}")
     if index.get("version") != VERSION:

@@ -28,7 +28,7 @@ import torch
 
 from minwm.cameras.camera import Cameras, latent_cameras
 from minwm.errors import MinwmError
-from minwm.io import atomic_path, write_json
+from minwm.io import atomic_path, read_json, write_json
 
 INDEX = "index.json"
 FORMAT = "minwm-latent-cache/1"
@@ -175,10 +175,7 @@ def read_index(root: str | Path) -> dict:
     p = Path(root) / INDEX
     if not p.is_file():
         raise MinwmError(f"{p}: not found (is {root} a latent cache made by `minwm data encode`?)")
-    try:
-        index = json.loads(p.read_text())
-    except ValueError as e:
-        raise MinwmError(f"{p}: not valid JSON ({e})") from None
+    index = read_json(p)
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise MinwmError(f"{p}: format is {index.get('format') if isinstance(index, dict) else None!r}, "
                          f"expected {FORMAT!r}")

@@ -29,7 +29,7 @@ from torch import nn
 
 from minwm.config import from_dict, to_dict
 from minwm.errors import MinwmError
-from minwm.io import atomic_path, write_json
+from minwm.io import atomic_path, read_json, write_json
 from minwm.models.config import ModelConfig
 
 log = logging.getLogger("minwm.models")
@@ -166,10 +166,7 @@ def diffusers_dir(path: str | Path) -> Optional[Path]:
 
 def read_diffusers_config(directory: Path, cls: type) -> dict:
     path = directory / DIFFUSERS_CONFIG
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise MinwmError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path)
     name = raw.get("_class_name")
     if name is not None and name != cls.__name__:
         raise MinwmError(f"{path}: _class_name is {name!r}, expected {cls.__name__!r}")
@@ -255,12 +252,9 @@ def _jsonable(v):
 
 def read_model_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / MODEL_CONFIG
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MinwmError(f"{path}: missing (not a directory written by save_pretrained)") from None
-    except ValueError as e:
-        raise MinwmError(f"{path}: not valid JSON ({e})") from None
+    if not path.is_file():
+        raise MinwmError(f"{path}: missing (not a directory written by save_pretrained)")
+    raw = read_json(path)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise MinwmError(f"{path}: format is {raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r}")
     return from_dict(ModelConfig, raw.get("model"), f"{path}:model")
