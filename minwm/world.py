@@ -137,7 +137,7 @@ def _apply_overrides(cfg: InferenceConfig, overrides: dict) -> InferenceConfig:
         raise MinwmError(f"inference: {e}") from None
 
 
-def _uint8_frames(video: torch.Tensor) -> np.ndarray:
+def uint8_frames(video: torch.Tensor) -> np.ndarray:
     """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3]."""
     v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return v.permute(1, 2, 3, 0).contiguous().cpu().numpy()
@@ -404,6 +404,34 @@ class WorldModel:
         self.last_timings = dict(timings, decode_s=0.0)
         return x0
 
+    def prefill(self, latents: torch.Tensor, cameras: Cameras) -> np.ndarray:
+        """Start a freshly reset rollout from real footage: latents [1, C, chunk_frames, h, w] (VAE-encoded) go
+        into the caches as a finished chunk at t = 0 (the refresh pass every generated chunk gets) with their
+        cameras (relative to the rollout's first frame), and are decoded; returns their pixel frames, uint8
+        [n, H, W, 3]. The T2V way to continue a given video (evaluation gives the first chunk of a render)."""
+        from minwm.inference.sampling import Conditioning, refresh
+
+        if self._text is None:
+            raise MinwmError("prefill: call reset(prompt) first")
+        if self.frame_index != 0:
+            raise MinwmError("prefill: the session must be freshly reset")
+        if self._decoder is None:
+            raise MinwmError("prefill: this model has no VAE configured (codec.vae)")
+        if latents.ndim != 5 or latents.shape[2] != self.chunk_frames or len(cameras) != self.chunk_frames:
+            raise MinwmError(f"prefill: expected one chunk of {self.chunk_frames} latent frames and cameras, got "
+                             f"latents {tuple(latents.shape)} and {len(cameras)} cameras")
+        w2c, K = cameras.validate("cameras").to(self.dtype, self.device)
+        cam_in = (w2c[None], K[None])
+        x = latents.to(self.device, self.dtype)
+        with torch.inference_mode():
+            refresh(self.backbone, x, Conditioning(self._text, cam_in), self._caches[0])
+            if self.mode == "multistep" and self.inference.guidance != 1.0:
+                refresh(self.backbone, x, Conditioning(self._neg_text, cam_in), self._caches[1])
+            frames = uint8_frames(self._decoder(x))
+        self._record_cameras(cameras)
+        self.frame_index += self.chunk_frames
+        return frames
+
     def _record_cameras(self, cams: Cameras) -> None:
         n0, n1 = self.frame_index, self.frame_index + len(cams)
         if n1 > len(self._w2c):
@@ -432,7 +460,7 @@ class WorldModel:
 
         sync(self.device)
         self.last_timings["decode_s"] = time.perf_counter() - t0
-        frames = _uint8_frames(video)
+        frames = uint8_frames(video)
         if first and self._image_latent is not None:
             frames = frames[1:]  # frame 0 is the image reset() returned
         return frames

@@ -14,6 +14,7 @@ import torch
 
 from minwm.cameras.camera import Cameras
 from minwm.errors import MinwmError
+from minwm.world import uint8_frames
 
 SAMPLERS = ("auto", "fewstep", "multistep", "bidirectional")
 STAGE_SAMPLER = {"bidirectional": "bidirectional", "ar": "multistep", "ode": "fewstep", "cd": "fewstep",
@@ -74,41 +75,10 @@ def choose_sampler(stage: Optional[str], inference_mode: str, override: str = "a
 
 # ---- one checkpoint -----------------------------------------------------------------------------------------
 
-def _uint8(video: torch.Tensor) -> np.ndarray:
-    """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3]."""
-    v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return v.permute(1, 2, 3, 0).contiguous().cpu().numpy()
-
-
 def fixed_cameras(cams: Cameras) -> Cameras:
     """Every frame at the start camera (identity w2c), intrinsics kept: the baseline's camera input."""
     F = len(cams)
     return Cameras(torch.eye(4, dtype=torch.float64).repeat(F, 1, 1), cams.intrinsics.clone())
-
-
-def prefill(wm, latents: torch.Tensor, cams: Cameras) -> np.ndarray:
-    """Write real latents [1, C, chunk, h, w] into a freshly reset WorldModel's caches as a finished chunk at
-    t = 0 (the refresh pass every generated chunk gets) and decode them; returns their pixel frames.
-
-    WorldModel has no public prefill yet, so this reaches into its session state (caches, prepared text,
-    streaming decoder, camera record) exactly as its own step_latents / step do after a chunk."""
-    from minwm.inference.sampling import Conditioning, refresh
-
-    if wm.frame_index != 0:
-        raise MinwmError("prefill: the session must be freshly reset")
-    if latents.shape[2] != wm.chunk_frames or len(cams) != wm.chunk_frames:
-        raise MinwmError(f"prefill: expected one chunk of {wm.chunk_frames} latent frames, got {latents.shape[2]}")
-    w2c, K = cams.to(wm.dtype, wm.device)
-    cam_in = (w2c[None], K[None])
-    x = latents.to(wm.device, wm.dtype)
-    with torch.inference_mode():
-        refresh(wm.backbone, x, Conditioning(wm._text, cam_in), wm._caches[0])
-        if wm.mode == "multistep" and wm.inference.guidance != 1.0:
-            refresh(wm.backbone, x, Conditioning(wm._neg_text, cam_in), wm._caches[1])
-        frames = _uint8(wm._decoder(x))
-    wm._record_cameras(cams)
-    wm.frame_index += wm.chunk_frames
-    return frames
 
 
 @dataclass
@@ -233,7 +203,7 @@ class CheckpointRunner:
             start = 0
         else:
             wm.reset(prompt, seed=seed)
-            parts = [prefill(wm, context, cams[:c])]
+            parts = [wm.prefill(context, cams[:c])]
             start = 1
         for k in range(start, -(-L // c)):
             idx = [min(i, L - 1) for i in range(k * c, (k + 1) * c)]  # past the end: hold the last camera
@@ -243,7 +213,7 @@ class CheckpointRunner:
     def _bidirectional(self, cams: Cameras, prompt: str, seed: int, context: torch.Tensor) -> np.ndarray:
         x0 = self._bidirectional_latents([GenItem(None, cams, prompt, seed, context)])
         with torch.inference_mode():
-            return _uint8(self.wm.codec.decode(x0))
+            return uint8_frames(self.wm.codec.decode(x0))
 
     # -- batched generation (what `minwm eval` runs) --
     def generate_batch(self, items: Sequence[GenItem], batch_size: int = 16) -> list[np.ndarray]:
@@ -290,7 +260,7 @@ class CheckpointRunner:
         with torch.inference_mode():
             video = wm.codec.decode(x0[:, :, :L])       # whole clips: equal to the streaming decode (causal VAE)
         n = 1 + T * (L - 1)
-        out = [_uint8(video[b:b + 1])[:n] for b in range(len(items))]
+        out = [uint8_frames(video[b:b + 1])[:n] for b in range(len(items))]
         if self.ti2v and self.sampler != "bidirectional":
             from minwm.world import fit_image
 
@@ -308,7 +278,7 @@ class CheckpointRunner:
         return torch.stack(w2c), torch.stack(K)
 
     def _stream_latents(self, items: list[GenItem]) -> torch.Tensor:
-        """The streaming sampler over a batch, chunk by chunk, as WorldModel.reset / step_latents (and `prefill`
+        """The streaming sampler over a batch, chunk by chunk, as WorldModel.reset / step_latents (and WorldModel.prefill
         for T2V context) run it for one item: clean latents [B, C, chunks * chunk_frames, h, w]."""
         from minwm.inference.sampling import Conditioning, fewstep_chunk, multistep_chunk, refresh
 
@@ -335,7 +305,7 @@ class CheckpointRunner:
         parts = []
         start = 0
         with torch.inference_mode():
-            if not self.ti2v:   # T2V: the context chunk is written into the caches at t = 0 (as `prefill`)
+            if not self.ti2v:   # T2V: the context chunk is written into the caches at t = 0 (as WorldModel.prefill)
                 x = torch.cat([it.context for it in items]).to(dev, dt)
                 if x.shape[2] != c:
                     raise MinwmError(f"context: expected {c} latent frames, got {x.shape[2]}")
