@@ -292,6 +292,22 @@ class WorldModel:
     def cache_nbytes(self) -> int:
         return sum(c.nbytes() for c in self._caches)
 
+    @property
+    def needs_image(self) -> bool:
+        """An image-to-video checkpoint (stages.ti2v): trained with latent frame 0 given, never generating it,
+        so every rollout starts from a first frame."""
+        stages = self.config.get("stages")
+        return bool(getattr(stages, "ti2v", False))
+
+    def procedural_image(self, seed: int) -> tuple[np.ndarray, str]:
+        """A start frame from the procedural world this checkpoint's config describes (its `data` section):
+        frame 0 of a scene no training clip uses (clip index 10**7 + seed), with its caption. For image-to-video
+        checkpoints when the user gives no image."""
+        from minwm.data.procedural import render_clip
+
+        clip = render_clip(self.config["data"], 10**7 + int(seed))
+        return fit_image(clip.frames[0], self.height, self.width), clip.caption
+
     # ---- session --------------------------------------------------------------------------------------
     def reset(self, prompt: str, image: Optional[np.ndarray] = None,
               seed: Optional[int] = None) -> Optional[np.ndarray]:
@@ -299,6 +315,9 @@ class WorldModel:
         resized to the model's size when it differs) is given, else None."""
         from minwm.inference.text import encode_prompt
 
+        if image is None and self.needs_image:
+            raise MinwmError("image: this checkpoint is image-to-video (stages.ti2v) and needs a first frame "
+                             "(WorldModel.procedural_image gives one from its procedural world)")
         seed = self.inference.seed if seed is None else int(seed)
         self._gen = torch.Generator().manual_seed(seed)
         for c in self._caches:

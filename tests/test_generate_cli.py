@@ -139,3 +139,33 @@ def test_ti2v_holds_the_image_latent_in_frame_zero(ckpt):
     x0 = wm.step_latents("w")
     video = torch.from_numpy(img).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
     torch.testing.assert_close(x0[:, :, :1], wm.codec.encode(video))
+
+
+@pytest.fixture(scope="module")
+def ti2v_ckpt(ckpt, tmp_path_factory):
+    """The same weights marked image-to-video (stages.ti2v), with a procedural world of the model's size."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("ti2v") / "ckpt"
+    shutil.copytree(ckpt, d)
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["stages"] = {"ti2v": True}
+    cfg["data"] = {"height": H, "width": W, "frames": 9}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+def test_image_to_video_checkpoint_needs_a_first_frame(ti2v_ckpt, tmp_path, capsys):
+    wm = WorldModel.from_checkpoint(ti2v_ckpt)
+    assert wm.needs_image
+    with pytest.raises(MinwmError, match="image-to-video"):
+        wm.reset("a red room", seed=0)
+    image, caption = wm.procedural_image(3)
+    assert image.shape == (H, W, 3) and image.dtype == np.uint8 and caption
+    assert (wm.procedural_image(3)[0] == image).all() and not (wm.procedural_image(4)[0] == image).all()
+    # generate without --image starts from that render, and says so
+    out = tmp_path / "p.mp4"
+    assert generate(ti2v_ckpt, out, "w*2", "--seed", "3") == 0
+    assert "procedural world (seed 3" in capsys.readouterr().err
+    v = read_video(out)
+    assert len(v) == 9 and np.abs(v[0].astype(float) - image).mean() < 6   # H.264 error only

@@ -22,14 +22,20 @@ from minwm.serve.session import SessionOptions
 class FakeWorld:
     height, width, chunk_frames, fps = 24, 40, 2, 400
     frames_per_chunk = 8
+    needs_image = False
 
     def __init__(self, log):
         self.log, self.frame_index, self.last_timings, self.closed = log, 0, {}, False
+        self.images = []
+
+    def procedural_image(self, seed):
+        return np.full((self.height, self.width, 3), seed, np.uint8), f"scene {seed}"
 
     def reset(self, prompt, image=None, seed=None):
         self.log.append(("reset", prompt, seed))
+        self.images.append(None if image is None else int(image[0, 0, 0]))
         self.frame_index = 0
-        return None
+        return None if image is None else image[None]
 
     def step(self, action):
         if action == "i+k":
@@ -60,7 +66,8 @@ class Worlds:
 
 def serve(tmp_path, **kw):
     worlds = Worlds()
-    opts = SessionOptions(prompt="start", seed=1, record_dir=tmp_path / "rec", idle=kw.pop("idle", "pause"))
+    opts = SessionOptions(prompt="start", seed=1, record_dir=tmp_path / "rec", idle=kw.pop("idle", "pause"),
+                          image=kw.pop("image", None))
     return worlds, BackgroundServer(create_app(worlds, options=opts, **kw))
 
 
@@ -196,6 +203,20 @@ def test_reset_prompt_and_seed(tmp_path):
         assert (state["prompt"], state["seed"]) == ("a forest", 9)
     resets = [e for e in worlds.made[0].log if e[0] == "reset"]
     assert resets == [("reset", "start", 1), ("reset", "a beach", 9), ("reset", "a forest", 9)]
+
+
+@pytest.mark.parametrize("given", [None, 77])
+def test_image_to_video_world_starts_from_an_image(tmp_path, given, monkeypatch):
+    """An image-to-video world gets the --image on every reset, else a procedural render for the reset's seed."""
+    monkeypatch.setattr(FakeWorld, "needs_image", True)
+    image = None if given is None else np.full((24, 40, 3), given, np.uint8)
+    worlds, srv = serve(tmp_path, image=image)
+    with srv, connect(ws_url(srv)) as ws:
+        until(ws, is_frame)
+        ws.send(json.dumps({"type": "reset", "prompt": "a beach", "seed": 9}))
+        until(ws, is_type("state"))
+        until(ws, is_frame)
+    assert worlds.made[0].images == ([1, 9] if given is None else [given, given])
 
 
 def test_session_cap_and_isolation(tmp_path):

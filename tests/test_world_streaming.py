@@ -40,7 +40,8 @@ def record(wm):
     def hook(module, args, kwargs, out):
         if kwargs.get("mode") == "streaming":
             x, t, text, cams = args
-            calls.append(dict(x=x.clone(), t=t.clone(), cams=tuple(c.clone() for c in cams), v=out.clone(),
+            calls.append(dict(x=x.clone(), t=t.clone(), cams=tuple(c.clone() for c in cams),
+                              v=None if out is None else out.clone(),  # a refresh pass returns nothing
                               commit=kwargs.get("commit", False), text=text))
     return calls, wm.backbone.register_forward_hook(hook, with_kwargs=True)
 

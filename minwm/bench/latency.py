@@ -118,11 +118,21 @@ def _min_of(runs: int, fn) -> dict[str, float]:
     return best
 
 
+def start(wm, prompt: str) -> None:
+    """reset for a timed rollout; an image-to-video checkpoint starts from a render of its procedural world."""
+    if wm.needs_image and wm.codec is None:
+        from minwm.errors import MinwmError
+
+        raise MinwmError("bench: this config is image-to-video (stages.ti2v), so its first frame is VAE-encoded: "
+                         "run with --with-codec")
+    wm.reset(prompt, image=wm.procedural_image(0)[0] if wm.needs_image else None, seed=0)
+
+
 def measure_fewstep_first(wm, prompt: str, runs: int) -> dict[str, float]:
     actions = _cycle_actions(1, wm.chunk_frames)[0]
 
     def once():
-        wm.reset(prompt, seed=0)
+        start(wm, prompt)
         wm.step_latents(actions)
         t = wm.last_timings
         return {"wall_s": t["denoise_s"], "cpu_s": t["denoise_cpu_s"], "refresh_s": t["refresh_s"]}
@@ -138,7 +148,7 @@ def measure_multistep_first(wm, prompt: str, runs: int, steps: int, total_steps:
     actions = _cycle_actions(1, wm.chunk_frames)[0]
 
     def once():
-        wm.reset(prompt, seed=0)
+        start(wm, prompt)
         wm.step_latents(actions)
         t = wm.last_timings
         return {"wall_s": extrapolate(t["denoise_s"], steps, total_steps),
@@ -203,7 +213,7 @@ def measure_decode_first(wm) -> Optional[float]:
 
 def measure_rollout(wm, prompt: str, chunks: int, progress=None) -> dict[str, list[float]]:
     """Stream `chunks` chunks; per chunk: wall and CPU seconds of the K steps + refresh, decode seconds, RSS."""
-    wm.reset(prompt, seed=0)
+    start(wm, prompt)
     per = {"chunk_s": [], "chunk_cpu_s": [], "denoise_s": [], "refresh_s": [], "decode_s": [], "rss_mb": []}
     decode = wm.codec is not None
     for i, actions in enumerate(_iter_actions(chunks, wm.chunk_frames)):

@@ -93,7 +93,7 @@ def predict_x0(backbone, x: torch.Tensor, t: float, cond: Conditioning, **kw) ->
 
 def refresh(backbone, x0: torch.Tensor, cond: Conditioning, cache) -> None:
     """The clean t = 0 pass over a finished chunk: writes its keys/values into the cache."""
-    velocity(backbone, x0, 0.0, cond, mode="streaming", cache=cache, commit=True)
+    velocity(backbone, x0, 0.0, cond, mode="streaming", cache=cache, commit=True, output=False)
 
 
 def fewstep_chunk(backbone, noise: torch.Tensor, timesteps: Sequence[float], cond: Conditioning, cache,

@@ -10,7 +10,9 @@ text, and cameras, in one of three modes that share one attention path:
   only the noisy half goes through the output head.
 - "streaming": the latents are one chunk; its queries attend to the KV cache (earlier chunks) plus
   the chunk itself; with commit=True the chunk's keys/values are appended to the cache (the clean
-  t = 0 refresh pass after a chunk is denoised).
+  t = 0 refresh pass after a chunk is denoised). A refresh pass wants only the cache writes: with
+  commit=True, output=False the adapter stops once the last layer's keys/values are written (that
+  layer's attention, FFN and the output head feed nothing) and returns None.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def check_inputs(
     clean_latents: Optional[torch.Tensor] = None,
     cache: Any = None,
     commit: bool = False,
+    output: bool = True,
 ) -> None:
     """One-line MinwmErrors for the mistakes a caller can make, raised before any compute."""
     if mode not in MODES:
@@ -117,6 +120,8 @@ def check_inputs(
             raise MinwmError(f"latents: streaming takes one chunk of chunk_frames={chunk_frames} frames, got {F}")
     elif cache is not None or commit:
         raise MinwmError(f"{'cache' if cache is not None else 'commit'}: only used in streaming mode, got mode {mode!r}")
+    if not output and not (mode == "streaming" and commit):
+        raise MinwmError("output=False: only for a committing streaming pass (mode='streaming', commit=True)")
     if camera_kind != "none":
         if cameras is None:
             raise MinwmError(f"cameras: required by camera injection {camera_kind!r}")
@@ -145,15 +150,16 @@ class Backbone(nn.Module, abc.ABC):
     # ---- what subclasses provide -------------------------------------------------------------
     @abc.abstractmethod
     def forward(self, latents, timesteps, text, cameras=None, *, mode="bidirectional", clean_latents=None,
-                cache=None, commit=False, frame_offset=0):
-        """Flow-matching velocity [B, C, F, H, W].
+                cache=None, commit=False, frame_offset=0, output=True):
+        """Flow-matching velocity [B, C, F, H, W] (None when output=False).
 
         latents [B, C, F, H, W]; timesteps [B, F] float in [0, 1000] (a scalar or [B] is broadcast);
         text: the adapter's text dict (Wan: {"encoder_hidden_states": [B, L, D]}) or its prepared context;
         cameras: (w2c [B, F, 4, 4], normalised intrinsics [B, F, 4]), required unless camera.kind is none;
         mode: see the module docstring; clean_latents: teacher forcing's clean copy (same shape);
         cache: the KV cache (streaming only); commit: append this call's keys/values to the cache;
-        frame_offset: added to every temporal RoPE position of the call."""
+        frame_offset: added to every temporal RoPE position of the call; output=False (streaming with
+        commit only): write the cache and skip what only the returned velocity needs."""
 
     @abc.abstractmethod
     def new_cache(self, batch: int, height: int, width: int, device=None, dtype=None):

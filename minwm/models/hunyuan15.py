@@ -280,12 +280,12 @@ class Hunyuan15Backbone(Backbone):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, latents, timesteps, text, cameras=None, *, mode="bidirectional", clean_latents=None,
-                cache=None, commit=False, frame_offset=0, image_latents=None):
+                cache=None, commit=False, frame_offset=0, image_latents=None, output=True):
         m = self.transformer
         c = m.config
         check_inputs(latents, cameras, in_channels=self.latent_channels, patch_size=(1, c.patch_size, c.patch_size),
                      chunk_frames=self.chunk_frames, mode=mode, camera_kind=self.camera_kind,
-                     clean_latents=clean_latents, cache=cache)
+                     clean_latents=clean_latents, cache=cache, commit=commit, output=output)
         B, C, F, H, W = latents.shape
         text = self._check_text(text, B)
         p = c.patch_size
@@ -349,15 +349,22 @@ class Hunyuan15Backbone(Backbone):
             # per query block, its visible frames in cache order at frame_offset + 0.. (see _tf_video_attention)
             positions = positions[:F]
         ctx["rope"] = rope_tables(positions, hp, wp, c.rope_axes_dim, c.rope_theta)
-        for layer, blk in enumerate(m.transformer_blocks):
+        blocks = list(m.transformer_blocks)
+        if not output:  # a refresh pass: of the last block only its keys/values are kept
+            *blocks, last = blocks
+        for layer, blk in enumerate(blocks):
             # no checkpointing of a committing pass: recomputation would append to the cache twice
             if torch.is_grad_enabled() and self.gradient_checkpointing and not (mode == "streaming" and commit):
                 x, txt = torch.utils.checkpoint.checkpoint(self._block, layer, blk, x, txt, temb, temb_txt, ctx,
                                                            use_reentrant=False)
             else:
                 x, txt = self._block(layer, blk, x, txt, temb, temb_txt, ctx)
+        if not output:
+            self._commit_keys(len(blocks), last, x, txt, temb, temb_txt, ctx)
         if ctx["new_text_kv"] is not None:
             memo.update(kv=ctx["new_text_kv"], valid=txt_valid)
+        if not output:
+            return None
 
         if mode == "teacher_forcing":  # only the noisy copy goes through the head
             x, temb = x[:, F * n:], temb[:, F:]
@@ -410,6 +417,23 @@ class Hunyuan15Backbone(Backbone):
         nx = _modulate(blk.norm2(x), shift_mlp, scale_mlp, Fv)
         x = x + _gate(blk.ff(nx), gate_mlp, Fv)
         return x, txt
+
+    def _commit_keys(self, layer: int, blk: nn.Module, x, txt, temb, temb_txt, ctx) -> None:
+        """The cache writes of a refresh pass's last block (and its text keys/values when the per-(prompt, t)
+        memo is being filled), without the attention and MLPs nothing reads."""
+        attn = blk.attn
+        heads = lambda y: y.unflatten(2, (attn.heads, -1))  # noqa: E731
+        shift_msa, scale_msa = blk.norm1.linear(blk.norm1.silu(temb)).chunk(6, dim=-1)[:2]
+        nx = _modulate(blk.norm1.norm(x), shift_msa, scale_msa, ctx["Fv"])
+        k, v = attn.norm_k(heads(attn.to_k(nx))), heads(attn.to_v(nx))
+        if ctx["new_text_kv"] is not None:
+            c_shift, c_scale = blk.norm1_context.linear(blk.norm1_context.silu(temb_txt))[:, None].chunk(6, -1)[:2]
+            nt = blk.norm1_context.norm(txt) * (1 + c_scale) + c_shift
+            ctx["new_text_kv"].append((attn.norm_added_k(heads(attn.add_k_proj(nt))), heads(attn.add_v_proj(nt))))
+        cache, st = ctx["cache"], ctx["prope_st"]
+        cache.append(layer, "self", k, v)
+        if st is not None:
+            cache.append(layer, "prope", prope_ops.apply_kv(k, st), prope_ops.apply_kv(v, st))
 
     def _attention(self, layer: int, blk: nn.Module, q, k, v, tq, tk, tv, ctx):
         """Video q/k/v [B, Sv, H, Dh] (normed, no RoPE yet), text tq/tk/tv [B*G, L, H, Dh] (tq None when the text

@@ -242,7 +242,7 @@ class WanBackbone(Backbone):
     def forward(self, latents: torch.Tensor, timesteps: Any, text: Any,
                 cameras: Optional[tuple[torch.Tensor, torch.Tensor]] = None, *, mode: str = "bidirectional",
                 clean_latents: Optional[torch.Tensor] = None, cache: Any = None, commit: bool = False,
-                frame_offset: int = 0) -> torch.Tensor:
+                frame_offset: int = 0, output: bool = True) -> Optional[torch.Tensor]:
         """Velocity prediction [B, C_out, F, H, W]. See backbone.py for the modes.
 
         Temporal RoPE positions: bidirectional and both teacher-forcing copies put frame i at
@@ -252,7 +252,7 @@ class WanBackbone(Backbone):
         chunk = self.cfg.chunk_frames
         check_inputs(latents, cameras, in_channels=self.in_channels, patch_size=self.patch_size,
                      chunk_frames=chunk, mode=mode, camera_kind=kind, clean_latents=clean_latents, cache=cache,
-                     commit=commit)
+                     commit=commit, output=output)
         B, _, F, H, W = latents.shape
         _, p_h, p_w = self.patch_size
         h, w = H // p_h, W // p_w
@@ -289,11 +289,17 @@ class WanBackbone(Backbone):
 
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled() and not (
             mode == "streaming" and commit)  # recomputation would append to the cache twice
-        for i, blk in enumerate(self.transformer.blocks):
+        blocks = self.transformer.blocks
+        if not output:  # a refresh pass: of the last block only its keys/values are kept
+            *blocks, last = blocks
+        for i, blk in enumerate(blocks):
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(self._block, i, blk, x, mod, ctx, ps, use_reentrant=False)
             else:
                 x = self._block(i, blk, x, mod, ctx, ps)
+        if not output:
+            self._commit_keys(len(blocks), last, x, mod, ps)
+            return None
 
         if mode == "teacher_forcing":  # only the noisy half goes through the output head
             x, temb = x[:, F * T:], temb[:, F:]
@@ -340,7 +346,8 @@ class WanBackbone(Backbone):
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = e.unbind(2)
 
         nh = _modulate(blk.norm1(x.float()), scale_msa, shift_msa).type_as(x)
-        attn = self._self_attention(i, blk, nh, ps)
+        q, k, v = self._qkv(blk.attn1, nh)
+        attn = self._self_attention(i, blk, q, k, v, ps)
         x = (x.float() + _gate(attn, gate_msa)).type_as(x)
 
         nh = blk.norm2(x.float()).type_as(x)
@@ -350,12 +357,25 @@ class WanBackbone(Backbone):
         ff = blk.ffn(nh)
         return (x.float() + _gate(ff.float(), c_gate)).type_as(x)
 
-    def _self_attention(self, i: int, blk: nn.Module, x: torch.Tensor, ps: _Pass) -> torch.Tensor:
-        a = blk.attn1
-        q = a.norm_q(a.to_q(x)).unflatten(2, (a.heads, -1))
+    @staticmethod
+    def _qkv(a: nn.Module, x: torch.Tensor, with_q: bool = True):
+        q = a.norm_q(a.to_q(x)).unflatten(2, (a.heads, -1)) if with_q else None
         k = a.norm_k(a.to_k(x)).unflatten(2, (a.heads, -1))
         v = a.to_v(x).unflatten(2, (a.heads, -1))
+        return q, k, v
 
+    def _commit_keys(self, i: int, blk: nn.Module, x: torch.Tensor, mod: torch.Tensor, ps: _Pass) -> None:
+        """The cache writes of block i in a refresh pass, without the attention and FFN nothing reads."""
+        e = blk.scale_shift_table[:, None] + mod.float()
+        nh = _modulate(blk.norm1(x.float()), e[:, :, 1], e[:, :, 0]).type_as(x)
+        _, k, v = self._qkv(blk.attn1, nh, with_q=False)
+        if ps.prope_q is not None:
+            ps.cache.append(i, "prope", prope_ops.apply_kv(k, ps.prope_q), prope_ops.apply_kv(v, ps.prope_q))
+        ps.cache.append(i, "self", k, v)
+
+    def _self_attention(self, i: int, blk: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        ps: _Pass) -> torch.Tensor:
+        a = blk.attn1
         if ps.cache is None:
             cos, sin = ps.rope
             out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, ps.mask)

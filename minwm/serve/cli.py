@@ -28,6 +28,9 @@ def register(sub) -> None:
                    help="with no key held: pause (default) or keep generating no-motion chunks")
     p.add_argument("--prompt", default=None, help="prompt a new session starts with")
     p.add_argument("--seed", type=int, default=None, help="seed a new session starts with (default: the config's)")
+    p.add_argument("--image", default=None,
+                   help="first frame (PNG/JPEG) of every rollout, resized to the model's size; without it an "
+                        "image-to-video checkpoint starts from a render of its procedural world (a new one per seed)")
     p.add_argument("--record-dir", type=Path, default=Path("runs/play"),
                    help="where session recordings (mp4) are saved (default runs/play)")
     p.add_argument("--jpeg-quality", type=int, default=85, help="JPEG quality of streamed frames, 1-100")
@@ -73,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     try:
         config, factory = shared_weights_factory(args.ckpt, device, dtype)
-        options = SessionOptions(prompt=args.prompt or SessionOptions.prompt,
+        image = None
+        if args.image:
+            from minwm.generate import read_image
+
+            image = read_image(args.image)
+        options = SessionOptions(prompt=args.prompt or SessionOptions.prompt, image=image,
                                  seed=args.seed if args.seed is not None else config["inference"].seed,
                                  idle=args.idle, jpeg_quality=args.jpeg_quality, record_dir=args.record_dir)
         app = create_app(factory, max_sessions=args.max_sessions, options=options)

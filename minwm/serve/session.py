@@ -51,6 +51,9 @@ class SessionOptions:
     idle: str = "pause"
     jpeg_quality: int = 85
     record_dir: Path = field(default_factory=lambda: Path("runs/play"))
+    # The first frame of every rollout (uint8 [H, W, 3]). None: text-only, or for an image-to-video checkpoint a
+    # render of its procedural world for the reset's seed (a new scene per seed).
+    image: np.ndarray | None = None
 
     def __post_init__(self):
         if self.idle not in IDLE_POLICIES:
@@ -170,7 +173,7 @@ class PlaySession:
     async def _reset(self, msg: protocol.Reset) -> None:
         prompt = self.prompt if msg.prompt is None else msg.prompt
         try:
-            frames = await self._call(self._locked, self.world.reset, prompt, None, msg.seed)
+            frames = await self._call(self._locked, self._start, prompt, msg.seed)
         except MinwmError as e:
             await self._send(protocol.error(f"reset: {e}"))
             return
@@ -207,6 +210,12 @@ class PlaySession:
         if self._recorder is not None:
             self._recorder.append(frames)
         return [encode_jpeg(f, self.opt.jpeg_quality) for f in frames]
+
+    def _start(self, prompt: str, seed: int | None):
+        w, image = self.world, self.opt.image
+        if image is None and w.needs_image:
+            image, _ = w.procedural_image(w.inference.seed if seed is None else seed)
+        return w.reset(prompt, image, seed)
 
     def _locked(self, fn, *args):
         with self._lock:

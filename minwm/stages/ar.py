@@ -111,9 +111,9 @@ def generate(model: Any, text: Any, cameras: Optional[tuple[torch.Tensor, torch.
 
         x0 = euler_sample(velocity, noise[:, :, sl], sigmas)
         x0, t0 = clamp(x0, 0.0)
-        model(x0, t0, text, cams, mode="streaming", cache=caches[0], commit=True, **extra)
+        model(x0, t0, text, cams, mode="streaming", cache=caches[0], commit=True, output=False, **extra)
         if use_u:
-            model(x0, t0, negative_text, cams, mode="streaming", cache=caches[1], commit=True, **extra)
+            model(x0, t0, negative_text, cams, mode="streaming", cache=caches[1], commit=True, output=False, **extra)
         out.append(x0)
     return torch.cat(out, dim=2)
 

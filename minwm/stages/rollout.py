@@ -70,7 +70,7 @@ def streaming_generator(backbone, cache, text: Any, cameras: Cameras, clean_firs
             x = torch.cat([clean_first.to(x.dtype), x[:, :, 1:]], 2)
             tt = torch.full((x.shape[0], x.shape[2]), float(t), dtype=torch.float64, device=x.device)
             tt[:, 0] = 0.0
-        v = backbone(x, tt, text, cams, mode="streaming", cache=cache, commit=commit, **extra)
+        v = backbone(x, tt, text, cams, mode="streaming", cache=cache, commit=commit, output=not commit, **extra)
         if commit:
             return x  # the refresh only writes the cache; at sigma = 0 the clean input is its own x0
         sigma = tt / NUM_TRAIN_TIMESTEPS if hold else float(t) / NUM_TRAIN_TIMESTEPS
