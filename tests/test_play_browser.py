@@ -5,8 +5,10 @@ the HUD follows the keys, recording and reset work, and garbage / oversized / bi
 page's own socket get error replies while the server goes on serving.
 
 test_keys_move_the_camera_the_right_way needs a trained checkpoint (random weights make no coherent
-motion): give its directory in MINWM_PLAY_CKPT. It holds `l` then `j` and checks with optical flow
-that the image moves opposite to the yaw (turning right moves the scene left).
+motion): tests/assets/toy_world, a toy trained by this repo's own pipeline and exported with
+scripts/export_checkpoint.py (README, "The play test's checkpoint"), or the directory in MINWM_PLAY_CKPT.
+It holds `l` then `j` and checks with optical flow that the image moves opposite to the yaw (turning
+right moves the scene left).
 
 Chromium comes from the system (Debian: `apt-get install -y chromium`; the Makefile's test target
 installs it when missing). `playwright install` is never used: it downloads a browser build.
@@ -231,13 +233,16 @@ def _record_holding(page, key, chunks) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
+TRAINED = Path(os.environ.get("MINWM_PLAY_CKPT") or Path(__file__).parent / "assets" / "toy_world")
+
+
 @needs_chromium
-@pytest.mark.skipif(not os.environ.get("MINWM_PLAY_CKPT"),
-                    reason="set MINWM_PLAY_CKPT to a trained checkpoint directory to check motion direction")
+@pytest.mark.skipif(not (TRAINED / "model.safetensors").is_file(),
+                    reason=f"no trained checkpoint at {TRAINED} (set MINWM_PLAY_CKPT) to check motion direction")
 def test_keys_move_the_camera_the_right_way(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    server = PlayServer(Path(os.environ["MINWM_PLAY_CKPT"]), tmp_path / "rec")
+    server = PlayServer(TRAINED, tmp_path / "rec")
     try:
         with sync_playwright() as p:
             browser, page = open_page(p, server.url)
