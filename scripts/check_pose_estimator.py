@@ -18,6 +18,10 @@ of issue #7 is missed:
 from a minwm config; explicit flags override it. --pose KEY=VALUE sets a PoseConfig field (e.g.
 --pose photometric=false) to compare estimator variants.
 
+--blur SIGMA blurs every rendered frame (Gaussian, SIGMA pixels) before estimation: a quick stand-in for the
+softer videos generative models make, to check that a change does not buy accuracy on exact renders with
+robustness on blurry ones.
+
 --track-error also measures the tracker against exact correspondences (each frame-0 corner cast into
 the scene, its 3-D point projected into every frame): median and 75th-percentile error in pixels at
 frames 8, 16 and 32. It separates tracking error from the geometry solver's error.
@@ -44,6 +48,7 @@ from minwm.errors import MinwmError
 from minwm.eval.metrics import camera_metrics, direction_accuracy
 from minwm.eval import pose as pose_mod
 from minwm.eval.pose import PoseConfig, estimate_poses
+from minwm.eval.segment import project
 from minwm.io import write_json
 from minwm.worlds.render import _ground_t, hit_object, pack_scene, render
 from minwm.worlds.scene import generate_scene
@@ -78,7 +83,7 @@ def true_tracks(scene, cams, pts, height, width) -> np.ndarray:
     for T in w2c:
         Xc = Xw @ T[:3, :3].T + T[:3, 3]
         Xc[sky] = d[sky] @ T[:3, :3].T
-        out.append(pose_mod.project(Xc, K))
+        out.append(project(Xc, K))
     return np.stack(out)
 
 
@@ -100,8 +105,9 @@ def track_error(video, scene, cams, height, width) -> dict:
 
 
 def run(seeds, frames, size, hfov, supersample, only=None, tracking=False, actions: ActionConfig | None = None,
-        pose_cfg: PoseConfig | None = None, height: int | None = None):
-    """height: image rows (default: size, a square image of `size` columns)."""
+        pose_cfg: PoseConfig | None = None, height: int | None = None, blur: float = 0.0):
+    """height: image rows (default: size, a square image of `size` columns); blur: Gaussian sigma (pixels)
+    applied to every rendered frame (0 = exact renders)."""
     height = height or size
     K = square_intrinsics(hfov, height, size)
     programs = eval_trajectories(num_latent_frames(frames))
@@ -115,6 +121,8 @@ def run(seeds, frames, size, hfov, supersample, only=None, tracking=False, actio
             rng = np.random.default_rng([seed, sum(map(ord, name))])
             scene = generate_scene(rng, cams.positions.numpy(), hfov_deg=hfov)
             video = render(scene, cams, height, size, supersample=supersample)
+            if blur > 0:
+                video = np.stack([cv2.GaussianBlur(f, (0, 0), blur) for f in np.asarray(video)])
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 est = estimate_poses(video, K, pose_cfg)
@@ -217,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--rotation-step-deg", type=float, help="degrees per latent step (default: actions)")
     p.add_argument("--pose", nargs="*", metavar="KEY=VALUE", help="PoseConfig fields to set, e.g. photometric=false")
     p.add_argument("--supersample", type=int, default=1, help="renderer supersampling (1 = exact point samples)")
+    p.add_argument("--blur", type=float, default=0.0, help="Gaussian blur sigma (pixels) of every frame (0 = none)")
     p.add_argument("--only", nargs="*", help="clip names to run (default: all)")
     p.add_argument("--json", help="write per-clip rows and the summary here")
     p.add_argument("--track-error", action="store_true", help="also measure tracks against exact correspondences")
@@ -237,14 +246,17 @@ def main(argv=None) -> int:
             actions = ActionConfig(a.translation_step or actions.translation_step,
                                    a.rotation_step_deg or actions.rotation_step_deg, actions.max_steps)
         pose_cfg = pose_overrides(a.pose)
+        if not a.blur >= 0:
+            raise MinwmError(f"--blur {a.blur}: expected a sigma >= 0 (pixels)")
     except MinwmError as e:
         print(f"minwm: error: {e}", file=sys.stderr)
         return 2
     a.resolved = {"frames": frames, "height": height, "width": width, "hfov_deg": hfov,
                   "translation_step": actions.translation_step, "rotation_step_deg": actions.rotation_step_deg}
     print(f"check: {frames} frames {height}x{width}, hfov {hfov} deg, steps {actions.translation_step} units / "
-          f"{actions.rotation_step_deg} deg, seeds {a.seeds}, pose {a.pose or 'defaults'}", flush=True)
-    rows = run(a.seeds, frames, width, hfov, a.supersample, a.only, a.track_error, actions, pose_cfg, height)
+          f"{actions.rotation_step_deg} deg, seeds {a.seeds}, pose {a.pose or 'defaults'}"
+          + (f", blur sigma {a.blur}" if a.blur else ""), flush=True)
+    rows = run(a.seeds, frames, width, hfov, a.supersample, a.only, a.track_error, actions, pose_cfg, height, a.blur)
     summary = summarise(rows)
     print(json.dumps(summary, indent=2))
     if a.json:

@@ -28,7 +28,7 @@ def so3_exp(w: np.ndarray) -> np.ndarray:
 
 def bundle_adjust(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.ndarray, rho: np.ndarray,
                   huber_px: float = 1.0, iters: int = 40, sqrt_info: np.ndarray | None = None,
-                  loss: str = "huber") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                  loss: str = "huber", smooth_px: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Levenberg-Marquardt over the poses of frames 1..n-1 and one inverse depth per track.
 
     Track k is the point rho_k^-1 * ray_k of the keyframe (row 0, exact by construction), so it
@@ -51,12 +51,12 @@ def bundle_adjust(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.nda
             return r, np.broadcast_to(np.eye(2), (len(r), 2, 2))
         return np.einsum("mij,mj->mi", L, r), L
 
-    return depth_pose_lm(pixel_rays(P[0], K), fr, pt, K, poses, rho, residual, huber_px, iters, loss)
+    return depth_pose_lm(pixel_rays(P[0], K), fr, pt, K, poses, rho, residual, huber_px, iters, loss, smooth_px)
 
 
 def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarray, poses: np.ndarray,
-                  rho: np.ndarray, residual, huber: float, iters: int = 40, loss: str = "huber"
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                  rho: np.ndarray, residual, huber: float, iters: int = 40, loss: str = "huber",
+                  smooth_px: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Levenberg-Marquardt over the poses of frames 1..n-1 (poses [n, 4, 4], row 0 fixed) and an
     inverse depth per keyframe ray (rays [N, 3], z = 1), for observations (frame fr[i], ray pt[i]).
 
@@ -79,6 +79,7 @@ def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarra
     gross = 1e3 * huber
 
     def evaluate(R, t, rho):
+        prior = 0.0 if smooth_px <= 0 else smoothness_prior(R, t, rho, K, smooth_px, grad=False)[0]
         X = np.einsum("mij,mj->mi", R[fr], b[pt]) + rho[pt, None] * t[fr]
         ok = X[:, 2] > 1e-9
         Z = np.where(ok, X[:, 2], 1.0)
@@ -87,7 +88,7 @@ def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarra
         e = np.linalg.norm(r, axis=1)
         ok &= np.isfinite(e)
         e = np.where(ok, e, gross)                                      # behind the camera: a gross error
-        cost = _robust_cost(e, huber, loss)
+        cost = _robust_cost(e, huber, loss) + prior
         return X, np.where(ok[:, None], r, 0.0), G, e, cost
 
     X, r, G, e, cost = evaluate(R, t, rho)
@@ -112,6 +113,10 @@ def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarra
         Wm = np.zeros((m, N, 6))
         Wm[q, pt] = w[:, None] * np.einsum("mki,mk->mi", Jc, Jr)
         Wf = Wm.transpose(0, 2, 1).reshape(6 * m, N)
+        if smooth_px > 0:
+            _, Hp, gp = smoothness_prior(R, t, rho, K, smooth_px)
+        else:
+            Hp, gp = 0.0, 0.0
         improved = False
         while mu < 1e8:
             Ud = U + mu * np.einsum("nii->ni", U)[:, :, None] * np.eye(6) + 1e-9 * np.eye(6)
@@ -121,7 +126,8 @@ def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarra
             S = -(torch.from_numpy(Wf / Vd) @ torch.from_numpy(Wf).T).numpy()
             for k in range(m):
                 S[6 * k:6 * k + 6, 6 * k:6 * k + 6] += Ud[k]
-            g = gU.reshape(-1) - Wf @ (gV / Vd)
+            S += Hp
+            g = gU.reshape(-1) + gp - Wf @ (gV / Vd)
             dp = torch.linalg.solve(torch.from_numpy(S), torch.from_numpy(-g)).numpy()
             dr = (-gV - Wf.T @ dp) / Vd
             dp = dp.reshape(m, 6)
@@ -134,7 +140,7 @@ def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarra
                 t2, rho2 = t2 / scale, rho2 * scale
             X2, r2, G2, e2, cost2 = evaluate(R2, t2, rho2)
             if cost2 < cost:
-                done = cost - cost2 < 1e-9 * cost
+                done = cost - cost2 < 1e-5 * cost      # tighter only spends iterations: no pose moves visibly
                 R, t, rho, X, r, G, e, cost = R2, t2, rho2, X2, r2, G2, e2, cost2
                 mu = max(mu / 3, 1e-9)
                 improved = True
@@ -147,6 +153,50 @@ def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarra
     err = np.full((n, N), np.nan)
     err[fr, pt] = e
     return out, rho, err, float(cost)
+
+
+def so3_log(R: np.ndarray) -> np.ndarray:
+    """Axis-angle vectors [..., 3] of rotation matrices [..., 3, 3] (angles below pi)."""
+    c = np.clip((np.trace(R, axis1=-2, axis2=-1) - 1) / 2, -1.0, 1.0)
+    th = np.arccos(c)
+    v = np.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    k = np.where(th > 1e-8, th / np.maximum(2 * np.sin(th), 1e-12), 0.5)
+    return v * k[..., None]
+
+
+def smoothness_prior(R: np.ndarray, t: np.ndarray, rho: np.ndarray, K: np.ndarray, sigma_px: float,
+                     grad: bool = True) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+    """Quadratic prior on the camera's acceleration over a segment (poses R [n, 3, 3], t [n, 3], row 0
+    fixed): the second differences of the rotation vectors and of the translations, each converted to
+    the pixels it would move the image (rotation: focal length; translation: focal length times the
+    median inverse depth, so the prior does not depend on the scale gauge), over sigma_px.
+
+    A camera is a physical body: it does not jump for one frame and back. Frames seen by few tracks are
+    otherwise free to follow a handful of biased tracks far off the path; a genuine change of motion
+    costs about (change per frame / sigma_px)^2 / 2 once. The frames are never told which motion.
+
+    Returns the cost, its Gauss-Newton Hessian [6(n-1), 6(n-1)] and gradient [6(n-1)] in the solver's
+    (left rotation increment, translation increment) parameters of frames 1..n-1 (the rotation
+    Jacobian taken as identity, exact for small rotations); None for both when grad is False."""
+    n = len(R)
+    m = 6 * (n - 1)
+    if n < 3:
+        return 0.0, (np.zeros((m, m)) if grad else None), (np.zeros(m) if grad else None)
+    f = float(np.sqrt(K[0, 0] * K[1, 1]))
+    good = rho[rho > 0]
+    rho_typ = float(np.median(good)) if len(good) else 0.0
+    w = np.repeat([f / sigma_px, f * rho_typ / sigma_px], 3)                    # per parameter [6]
+    x = np.concatenate([so3_log(R), t], 1)                                      # [n, 6]
+    D = np.zeros((n - 2, n))
+    idx = np.arange(n - 2)
+    D[idx, idx], D[idx, idx + 1], D[idx, idx + 2] = 1.0, -2.0, 1.0
+    r = (D @ x) * w                                                             # [n-2, 6]
+    if not grad:
+        return 0.5 * float((r * r).sum()), None, None
+    Dm = D[:, 1:]
+    H = np.kron(Dm.T @ Dm, np.diag(w * w))
+    g = ((Dm.T @ r) * w).reshape(-1)
+    return 0.5 * float((r * r).sum()), H, g
 
 
 def _robust_cost(e: np.ndarray, c: float, loss: str) -> float:

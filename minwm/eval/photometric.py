@@ -170,19 +170,26 @@ class Consistency:
     better explained). Feature tracks leave valleys where a wrong motion fits the tracks better than
     the true one (a strafe read as a turn, a descent as a pitch); every textured pixel, each with its
     own depth but none beyond infinity, tells those apart far more often. Frames are prepared once
-    and shared by all candidates."""
+    and shared by all candidates.
+
+    rho_max (None: from the image) bounds the sweep. Candidates are scaled to max |t| = 1, so the
+    default, the longer image side over the focal length, admits every depth from infinity down to
+    one whose point moves a whole image width; a bound taken from one candidate's own feature depths
+    cut off the true path's nearest ground and scored it worse than a wrong one."""
 
     def __init__(self, frames: np.ndarray, K: np.ndarray, cfg: PhotoConfig | None = None):
         self.cfg = cfg or PhotoConfig(max_pixels=300, sweep=24, blur=(1.0,))
         self.K, self.frames, self.fr = K, frames, None
 
-    def __call__(self, poses: np.ndarray, rho_max: float) -> float:
+    def __call__(self, poses: np.ndarray, rho_max: float | None = None) -> float:
         if self.fr is None:                 # prepared on first use: most segments never need it
             self.xy = select_pixels(self.frames[0], self.cfg)
             self.fr = _Frames(self.frames, self.cfg.blur[0], self.cfg.upsample)
             self.ref = self.fr.colour(0, self.xy)
         if len(self.xy) == 0:
             return 0.0
+        if rho_max is None:
+            rho_max = max(self.frames.shape[1:3]) / min(self.K[0, 0], self.K[1, 1])
         cost, _ = _sweep(self.fr, self.xy, self.ref, poses, self.K, rho_max, self.cfg)
         return float(cost.min(1).mean() / max(len(poses) - 1, 1))
 

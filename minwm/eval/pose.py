@@ -19,21 +19,32 @@ pipeline favours sub-pixel accuracy over feature richness:
    exactly 0): the essential matrix is degenerate there and its translation would be noise that
    the per-trajectory normalisation of TransErr blows up. Frames whose tracks did not move at all
    get the identity, so a static video reports no motion.
-3. Translating segments. The essential matrix between the keyframe and the frame with the most
-   parallax (RANSAC, then recoverPose) fixes a rotation, a unit translation and, by triangulation,
-   3-D points in the keyframe's camera; PnP against them places every other frame. That start,
-   and six straight-line starts along the camera axes, go through a bundle adjustment of the whole
+3. Translating segments (minwm.eval.segment). The essential matrix between the keyframe and the
+   frame with the most parallax (RANSAC, then recoverPose) fixes a rotation, a unit translation
+   and, by triangulation, 3-D points in the keyframe's camera; PnP against them places every other
+   frame. That start, six straight-line starts along the camera axes with the rotation-only fits'
+   rotations and the same six without rotation, go through a bundle adjustment of the whole
    segment (poses + one inverse depth per track, Cauchy loss, Schur complement): a few iterations
-   from each, then the `ba_keep` lowest-cost distinct ones to convergence, gross outliers dropped
-   and refined once more. Their reprojection costs are often close where the geometry is weak (a
-   strafe read as a turn, a descent as a pitch: per-track depths absorb either), so the colours of
-   all textured keyframe pixels pick between them (`photo_select`, minwm.eval.photometric). All
-   frames share one scale. Corners on straight edges are not tracked (`min_corner_ratio`): LK
-   slides along an edge, and such tracks pulled whole clips into the wrong valley.
+   from each, then the `ba_keep` lowest-cost distinct ones further, gross outliers dropped and
+   refined once more. The adjustment carries a weak motion-smoothness prior (`smooth_px`: the
+   camera's acceleration costs like a reprojection error; a camera does not jump for one frame
+   and back), which keeps late frames seen by few, biased tracks on the path. Reprojection costs
+   are often close where the geometry is weak (a strafe read as a turn, a descent as a pitch:
+   per-track depths absorb either), so the colours of all textured keyframe pixels pick between
+   the solutions (`photo_select`, minwm.eval.photometric.Consistency), each pixel free to take
+   any depth from infinity to the nearest one that moves a full image width. All frames share one
+   scale. Corners on straight edges are not tracked (`min_corner_ratio`): LK slides along an
+   edge, and such tracks pulled whole clips into the wrong valley.
+   Measured on exact renders with exact correspondences (scripts/check_pose_estimator.py): this
+   geometry is exact; what remains is tracking bias (median 0.3-0.6 px at frame 20, mostly
+   silhouette corners whose window straddles two depths), which is not random and which no
+   threshold on the LK residual separates.
 4. Long or fast videos. When fewer than `keyframe_overlap` of a keyframe's tracks survive, the last
    well-tracked frame becomes the next keyframe (its surviving tracks carry over, topped up with
    new corners). Its segment is expressed in the global frame through the keyframe's pose, and its
    scale is tied to the previous segment by the median depth ratio of the carried-over points.
+   Segments are kept long (10%): a short tail segment has too little parallax to tell a vertical
+   move from a pitch, and is then read as rotation only.
 5. Direct refinement (`photometric`, minwm.eval.photometric). A translating segment's poses are
    refined by aligning the colours of the keyframe's strongest-gradient pixels (one inverse depth
    each) across the segment, which removes much of the slide along the yaw/strafe and
@@ -54,7 +65,7 @@ import torch
 
 from minwm.cameras.camera import Cameras
 from minwm.errors import MinwmError
-from minwm.eval.bundle import bundle_adjust, pixel_rays
+from minwm.eval.segment import Segment, solve_segment
 
 MIN_FRAMES = 2
 MIN_SIDE_PX = 16
@@ -72,7 +83,7 @@ class PoseConfig:
     static_px: float = 0.02         # a frame whose tracks all moved less than this is the keyframe's view
     parallax_px: float = 0.5        # median rotation-compensated motion under which a segment is rotation-only
     min_tracks: int = 8             # fewest tracks a frame may be estimated from
-    keyframe_overlap: float = 0.25  # start a new keyframe when fewer of the keyframe's tracks survive
+    keyframe_overlap: float = 0.1   # start a new keyframe when fewer of the keyframe's tracks survive
     min_triangulation_deg: float = 0.5  # points seen under a smaller angle carry no usable depth
     window_px: int = 6              # Lucas-Kanade window side (original pixels)
     max_segment: int = 0            # most frames per keyframe segment (0 = until the tracks run out)
@@ -83,8 +94,13 @@ class PoseConfig:
     min_corner_ratio: float = 0.05  # new corners need this smaller/larger structure-tensor eigenvalue ratio
     ba_loss: str = "cauchy"         # robust loss of the bundle adjustment: "huber" or "cauchy"
     ba_probe_iters: int = 5         # LM iterations from every start before the most promising are kept
+    ba_iters: int = 25              # LM iterations of each full solve (two per kept solution)
     ba_keep: int = 3                # distinct bundle-adjustment solutions solved fully
     photo_select: bool = True       # pick among them by photometric consistency (minwm.eval.photometric)
+    smooth_px: float = 0.3          # motion-smoothness prior of the bundle adjustment, pixels (0 = none)
+    translation_starts: bool = True  # also start the adjustment from pure translations along each axis
+    select_pixels: int = 1200       # keyframe pixels of the photometric selection (photo_select)
+    select_sweep: int = 64          # inverse-depth samples of the photometric selection
 
 
 @dataclass
@@ -139,9 +155,10 @@ def estimate_poses(frames, intrinsics, cfg: PoseConfig | None = None) -> PoseEst
         n = len(P)
         cons = None
         if cfg.photo_select:
-            from minwm.eval.photometric import Consistency
-            cons = Consistency(frames[key:key + len(P)], K)
-        seg = _solve_segment(P, alive, K, cfg, rng, consistency=cons)
+            from minwm.eval.photometric import Consistency, PhotoConfig
+            cons = Consistency(frames[key:key + len(P)], K, PhotoConfig(max_pixels=cfg.select_pixels,
+                                                                        sweep=cfg.select_sweep, blur=(1.0,)))
+        seg = solve_segment(P, alive, K, cfg, rng, consistency=cons)
         if seg.translating and cfg.photometric:
             _refine_photometric(frames[key:key + len(P)], K, seg, cfg)
         # Bring the segment into the world frame: local poses map keyframe camera -> frame camera.
@@ -301,178 +318,7 @@ def _track(grey: list[np.ndarray], key: int, pts: np.ndarray, s: int, cfg: PoseC
     return np.stack(P), np.stack(A)
 
 
-# ---- geometry --------------------------------------------------------------------------------
-def bearings(x: np.ndarray, K: np.ndarray) -> np.ndarray:
-    """Unit rays [N, 3] in the camera frame through pixels x [N, 2]."""
-    b = pixel_rays(x, K)
-    return b / np.linalg.norm(b, axis=1, keepdims=True)
-
-
-def project(X: np.ndarray, K: np.ndarray) -> np.ndarray:
-    q = X @ K.T
-    return q[:, :2] / q[:, 2:3]
-
-
-def kabsch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Rotation R minimising sum |b - R a|^2 for row vectors a, b [N, 3]."""
-    U, _, Vt = np.linalg.svd(b.T @ a)
-    d = np.sign(np.linalg.det(U @ Vt)) or 1.0
-    return U @ np.diag([1.0, 1.0, d]) @ Vt
-
-
-def fit_rotation(x0: np.ndarray, x1: np.ndarray, K: np.ndarray, thr: float, rng: np.random.Generator,
-                 iters: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Rotation-only model x1 ~ K R K^-1 x0: 2-point RANSAC, then Kabsch on inliers (re-selected
-    twice). Returns R and the reprojection residual [N] (pixels) of every point under it."""
-    b0, b1 = bearings(x0, K), bearings(x1, K)
-    n = len(x0)
-
-    def resid(R):
-        return np.linalg.norm(project(b0 @ R.T, K) - x1, axis=1)
-
-    best = np.eye(3)
-    if n >= 2:
-        # All hypotheses at once: pairs (i, j != i), a Kabsch rotation per pair (batched SVD), and
-        # the inlier count of each over every point; the first best wins, as in a sequential loop.
-        i = rng.integers(n, size=iters)
-        j = (i + rng.integers(1, n, size=iters)) % n
-        H = np.einsum("hi,hj->hij", b1[i], b0[i]) + np.einsum("hi,hj->hij", b1[j], b0[j])
-        U, _, Vt = np.linalg.svd(H)
-        d = np.where(np.linalg.det(U @ Vt) < 0, -1.0, 1.0)
-        U[:, :, 2] *= d[:, None]
-        Rs = U @ Vt                                                    # [iters, 3, 3]
-        X = np.einsum("hij,nj->hni", Rs, b0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x = np.stack([K[0, 0] * X[..., 0] / X[..., 2] + K[0, 2], K[1, 1] * X[..., 1] / X[..., 2] + K[1, 2]], -1)
-            count = (np.linalg.norm(x - x1, axis=-1) < thr).sum(1)
-        best = Rs[int(np.argmax(count))]
-    R = best
-    for _ in range(3):
-        m = resid(R) < thr
-        if m.sum() < 2:
-            break
-        R = kabsch(b0[m], b1[m])
-    return R, resid(R)
-
-
-@dataclass
-class _Segment:
-    poses: np.ndarray            # [n, 4, 4] keyframe camera -> frame camera
-    tracks: np.ndarray           # [n]
-    resid: np.ndarray            # [n]
-    translating: bool
-    points: np.ndarray | None    # [N, 3] keyframe-camera points per track (NaN where none), or None
-    scale_ref: float = 1.0
-
-
-def _solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseConfig,
-                   rng: np.random.Generator, sqrt_info: np.ndarray | None = None,
-                   strong: np.ndarray | None = None, consistency=None) -> _Segment:
-    """sqrt_info [n, N, 2, 2]: per-observation whitening for the bundle adjustment (None: isotropic);
-    strong [N]: tracks well localised in both directions, the only ones the robust fits sample;
-    consistency: `minwm.eval.photometric.Consistency` of the segment's frames, which then picks
-    between the bundle adjustment's distinct solutions (None: the lowest reprojection cost)."""
-    n, N, _ = P.shape
-    fit_alive = alive if strong is None else alive & strong[None]
-    poses = np.tile(np.eye(4), (n, 1, 1))
-    tracks = alive.sum(1)
-    resid = np.zeros(n)
-    rots = [np.eye(3)] * n
-    parallax = np.zeros(n)
-    moving = np.zeros(n, bool)
-    for r in range(1, n):
-        m = fit_alive[r] if fit_alive[r].sum() >= cfg.min_tracks else alive[r]
-        if m.sum() < cfg.min_tracks:
-            raise MinwmError(f"pose: only {int(m.sum())} tracks survive into frame {r} of a segment "
-                             f"(need {cfg.min_tracks}); the video changes too much between frames")
-        x0, x1 = P[0][m], P[r][m]
-        if np.abs(x1 - x0).max() < cfg.static_px:
-            continue                                    # nothing moved: the keyframe's view exactly
-        moving[r] = True
-        R, res = fit_rotation(x0, x1, K, cfg.ransac_px, rng)
-        rots[r] = R
-        parallax[r] = float(np.median(res))
-        resid[r] = parallax[r]
-        poses[r, :3, :3] = R
-    j = int(np.argmax(parallax))
-    if parallax[j] < cfg.parallax_px:
-        return _Segment(poses, tracks, resid, False, None)
-
-    # Essential matrix on the pair with the most parallax fixes rotation, unit translation and structure.
-    m = fit_alive[j] if fit_alive[j].sum() >= cfg.min_tracks else alive[j]
-    x0, xj = P[0][m], P[j][m]
-    E, inl = cv2.findEssentialMat(x0, xj, K, cv2.RANSAC, 0.9999, cfg.ransac_px)
-    if E is None or E.shape != (3, 3):
-        return _Segment(poses, tracks, resid, False, None)
-    _, R, t, inl = cv2.recoverPose(E, x0, xj, K, mask=inl.copy())
-    Tj = np.eye(4)
-    Tj[:3, :3], Tj[:3, 3] = R, t.ravel()
-    idx = np.flatnonzero(m)[inl.ravel() > 0]
-    X = _triangulate_pair(P[0][idx], P[j][idx], Tj, K, cfg)
-    points = np.full((N, 3), np.nan)
-    points[idx] = X
-    poses[j] = Tj                                       # first guesses: Tj, elsewhere rotation only
-    for r in range(1, n):
-        if moving[r] and r != j:
-            poses[r], _ = _pnp(points, P[r], alive[r], K, poses[r], cfg)
-    # Bundle adjustment over the whole segment (two rounds; the second without gross outliers).
-    z = points[:, 2]
-    rho = np.where(np.isfinite(z) & (z > 0), 1.0 / np.where(np.isfinite(z) & (z > 0), z, 1.0), 0.0)
-    # LM is local and the geometry of small, narrow-field videos has shallow valleys (yaw vs strafe,
-    # bas-relief), so besides the essential-matrix start try straight-line starts along each camera
-    # axis (rotations from the rotation-only fits).
-    starts = [(poses, rho)]
-    for axis in range(3):
-        for sign in (1.0, -1.0):
-            T0 = poses.copy()
-            T0[:, :3, :3] = np.stack(rots)
-            T0[:, :3, 3] = 0.0
-            T0[:, axis, 3] = sign * np.arange(n) / (n - 1)
-            starts.append((T0, np.full(N, 0.3)))
-    use = alive.copy()
-    ba = dict(huber_px=cfg.ransac_px, sqrt_info=sqrt_info, loss=cfg.ba_loss)
-    # A few iterations from every start separate the basins; only the lowest-cost few are solved
-    # fully (this adjustment is most of the estimator's time), each twice, the second time without
-    # its gross outliers. Starts that end in the same basin are solved once.
-    probes = [bundle_adjust(P, use, K, T0, rho0, iters=cfg.ba_probe_iters, **ba) for T0, rho0 in starts]
-    finals = []
-    for i in np.argsort([c[3] for c in probes], kind="stable"):
-        if len(finals) == cfg.ba_keep:
-            break
-        cand = bundle_adjust(P, use, K, probes[i][0], probes[i][1], **ba)
-        if any(_path_angle(cand[0], f[0][0]) < 0.5 for f in finals):
-            continue
-        u = use & ~(cand[2] > cfg.outlier_px)
-        finals.append((bundle_adjust(P, u, K, cand[0], cand[1], **ba), u, cand[3]))
-    best = min(range(len(finals)), key=lambda k: finals[k][2])
-    if consistency is not None and len(finals) > 1:
-        # The reprojection costs of different basins are close where the geometry is weak (yaw vs
-        # strafe, pitch vs vertical move); the colours of all textured pixels decide between them.
-        scores = [consistency(f[0][0], _rho_max(f[0][1])) for f in finals]
-        best = int(np.argmin(scores))
-    (poses, rho, err, _), use, _ = finals[best]
-    use = use & ~(err > cfg.outlier_px)
-    for r in range(1, n):
-        e = err[r][use[r]]
-        resid[r] = float(np.median(e)) if len(e) else float("nan")
-    points = pixel_rays(P[0], K) / np.where(rho > 0, rho, np.nan)[:, None]
-    return _Segment(poses, tracks, resid, True, points)
-
-
-def _path_angle(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest rotation angle (degrees) between two camera paths [n, 4, 4], frame by frame."""
-    R = np.einsum("nij,nkj->nik", a[:, :3, :3], b[:, :3, :3])
-    c = (np.trace(R, axis1=1, axis2=2) - 1) / 2
-    return float(np.degrees(np.arccos(np.clip(c, -1, 1))).max())
-
-
-def _rho_max(rho: np.ndarray) -> float:
-    """Upper end of a depth sweep: the nearest feature points' inverse depth, with margin."""
-    good = rho[np.isfinite(rho) & (rho > 0)]
-    return float(np.percentile(good, 98) * 1.5) if len(good) else 1.0
-
-
-def _refine_photometric(frames: np.ndarray, K: np.ndarray, seg: _Segment, cfg: PoseConfig) -> None:
+def _refine_photometric(frames: np.ndarray, K: np.ndarray, seg: Segment, cfg: PoseConfig) -> None:
     """Replace the segment's poses by their direct-alignment refinement (in place)."""
     from minwm.eval.photometric import PhotoConfig, refine_segment
     z = seg.points[:, 2]
@@ -483,63 +329,12 @@ def _refine_photometric(frames: np.ndarray, K: np.ndarray, seg: _Segment, cfg: P
     seg.poses, _, _ = refine_segment(frames, K, seg.poses, rho_max, PhotoConfig(max_pixels=cfg.photo_pixels))
 
 
-def _triangulate_pair(x0, x1, T, K, cfg) -> np.ndarray:
-    P0 = K @ np.eye(4)[:3]
-    P1 = K @ T[:3]
-    Xh = cv2.triangulatePoints(P0, P1, x0.T.astype(np.float64), x1.T.astype(np.float64))
-    X = (Xh[:3] / Xh[3]).T
-    return _filter_points(X, [(np.eye(4), x0), (T, x1)], K, cfg)
-
-
-def _filter_points(X, views, K, cfg) -> np.ndarray:
-    """NaN out points behind a camera, badly reprojected, or seen under too small an angle."""
-    X = X.copy()
-    bad = ~np.isfinite(X).all(1)
-    centres = []
-    for T, x in views:
-        Xc = X @ T[:3, :3].T + T[:3, 3]
-        bad |= Xc[:, 2] <= 1e-6
-        with np.errstate(invalid="ignore", divide="ignore"):
-            bad |= ~(np.linalg.norm(project(Xc, K) - x, axis=1) < cfg.ransac_px)
-        centres.append(-T[:3, :3].T @ T[:3, 3])
-    # Largest angle between the rays from any two centres (first vs farthest is enough here).
-    c0 = centres[0]
-    far = max(centres, key=lambda c: np.linalg.norm(c - c0))
-    a, b = X - c0, X - far
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    bad |= ~(np.degrees(np.arccos(np.clip(cos, -1, 1))) >= cfg.min_triangulation_deg)
-    X[bad] = np.nan
-    return X
-
-
-def _pnp(points, x, alive, K, init, cfg) -> tuple[np.ndarray, float]:
-    m = alive & np.isfinite(points).all(1)
-    if m.sum() < 6:
-        return init, float("nan")
-    X, u = points[m].astype(np.float64), x[m].astype(np.float64)
-    rvec0, _ = cv2.Rodrigues(init[:3, :3])
-    tvec0 = init[:3, 3].reshape(3, 1).copy()
-    ok, rvec, tvec, inl = cv2.solvePnPRansac(X, u, K, None, rvec0.copy(), tvec0, useExtrinsicGuess=True,
-                                             iterationsCount=200, reprojectionError=cfg.ransac_px,
-                                             confidence=0.999, flags=cv2.SOLVEPNP_ITERATIVE)
-    if not ok or inl is None or len(inl) < 6:
-        return init, float("nan")
-    inl = inl.ravel()
-    rvec, tvec = cv2.solvePnPRefineLM(X[inl], u[inl], K, None, rvec, tvec)
-    T = np.eye(4)
-    T[:3, :3] = cv2.Rodrigues(rvec)[0]
-    T[:3, 3] = tvec.ravel()
-    res = np.linalg.norm(project(X[inl] @ T[:3, :3].T + T[:3, 3], K) - u[inl], axis=1)
-    return T, float(np.median(res))
-
-
 def _to_world(X_key: np.ndarray, w2c_key: np.ndarray) -> np.ndarray:
     R, t = w2c_key[:3, :3], w2c_key[:3, 3]
     return (X_key - t) @ R
 
 
-def _scale_ratio(carry, w2c_key, seg: _Segment, n_carried: int) -> float:
+def _scale_ratio(carry, w2c_key, seg: Segment, n_carried: int) -> float:
     """Factor taking the new segment's scale to the global one: median ratio of the depths (in the
     keyframe) of carried-over points known in both; the ratio of median depths when none are."""
     world = carry[1]
