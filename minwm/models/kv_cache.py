@@ -212,7 +212,7 @@ class KVCache:
         Zero-copy for the cache when grad is disabled and the staging slack has room; else a torch.cat."""
         s = self._slot(layer, stream)
         self._check_new("read_with", k_new, v_new)
-        if s.k is None:
+        if s.k is None or s.held == 0:  # nothing held (e.g. the first chunk after a reset): no copy needed
             return k_new, v_new, 0
         self._allocate(s, k_new, v_new)  # checks heads/dims
         t = self.tokens_per_frame
