@@ -354,7 +354,7 @@ class WanBackbone(Backbone):
         x = x + self._cross_attention(blk.attn2, nh, ctx.keys[i], ctx.values[i])
 
         nh = _modulate(blk.norm3(x.float()), c_scale, c_shift).type_as(x)
-        ff = _feed_forward(blk.ffn, nh)
+        ff = blk.ffn(nh)
         return (x.float() + _gate(ff.float(), c_gate)).type_as(x)
 
     @staticmethod
@@ -431,25 +431,6 @@ class WanBackbone(Backbone):
         B = x.shape[0]
         x = x.reshape(B, F // p_t, h, w, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
-def _feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """diffusers' FeedForward (Linear -> GELU(tanh) -> Dropout -> Linear). Without autograd the GELU runs in place as
-    x·sigmoid(2z), z = sqrt(2/pi)(x + 0.044715x^3), which is 0.5x(1 + tanh z) exactly in real arithmetic and within
-    5e-7 of F.gelu(approximate="tanh") in float32: on CPU torch's tanh is several times slower than its sigmoid, and
-    the in-place form makes no temporaries (measured, 1 thread, 1024x1024: 2.65 ms -> 1.36 ms)."""
-    act = ff.net[0]
-    if torch.is_grad_enabled() or getattr(act, "approximate", None) != "tanh" or ff.training:
-        return ff(x)
-    h = act.proj(x)
-    u = h * h
-    u.mul_(0.044715 * _TWO_SQRT_2_OVER_PI).add_(_TWO_SQRT_2_OVER_PI).mul_(h).sigmoid_().mul_(h)
-    for layer in ff.net[1:]:
-        u = layer(u)
-    return u
-
-
-_TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 
 
 def _zero_linear(n_in: int, n_out: int) -> nn.Linear:
