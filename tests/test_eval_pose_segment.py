@@ -4,8 +4,9 @@ import numpy as np
 import torch
 
 from minwm.eval.bundle import bundle_adjust, smoothness_prior, so3_exp, so3_log
-from minwm.eval.pose import PoseConfig, pixel_matrix
-from minwm.eval.segment import _line_starts, solve_segment
+from minwm.eval import photometric
+from minwm.eval.pose import PoseConfig, _refine_photometric, pixel_matrix
+from minwm.eval.segment import Segment, _line_starts, solve_segment, track_cost
 
 torch.set_num_threads(1)
 KN = np.array([0.866, 0.866, 0.5, 0.5])
@@ -114,3 +115,48 @@ def test_vertical_move_is_not_read_as_a_pitch():
     t = seg.poses[-1, :3, 3]
     assert t[1] < 0 and abs(t[1]) > 10 * np.abs(t[[0, 2]]).max()
     assert np.linalg.norm(so3_log(seg.poses[-1, :3, :3])) < 1e-3
+
+
+def _strafe_scene(n=9, N=60, seed=5):
+    """Camera strafing right past points at several depths: points [N, 3], true poses, exact tracks."""
+    rng = np.random.default_rng(seed)
+    K = pixel_matrix(KN, 64, 64)
+    X = np.c_[rng.uniform(-1.5, 1.5, N), rng.uniform(-0.8, 0.8, N), rng.uniform(2, 8, N)]
+    poses = np.tile(np.eye(4), (n, 1, 1))
+    poses[:, 0, 3] = -np.linspace(0, 1, n)
+    return X, poses, np.stack([_project(X, T, K) for T in poses]), K
+
+
+def _turned(poses, deg_per_frame):
+    out = poses.copy()
+    for r in range(len(out)):
+        out[r, :3, :3] = so3_exp(np.array([0.0, np.radians(deg_per_frame) * r, 0.0]))
+    return out
+
+
+def test_track_cost_is_near_zero_on_the_true_path_and_grows_along_the_yaw_strafe_valley():
+    X, poses, P, K = _strafe_scene()
+    alive = np.ones(P.shape[:2], bool)
+    rho_max = 64 / K[0, 0]
+    true = track_cost(P, alive, K, poses, rho_max, sweep=256)
+    assert true < 5e-3                                   # only the depth grid's spacing is left
+    costs = [track_cost(P, alive, K, _turned(poses, d), rho_max, sweep=256) for d in (0.5, 1.0, 2.0)]
+    assert true < costs[0] < costs[1] < costs[2]
+    # Dead observations do not count, and a track seen nowhere costs nothing.
+    alive[3:, :10] = False
+    assert track_cost(P, alive, K, poses, rho_max, sweep=256) < 5e-3
+
+
+def test_direct_refinement_that_no_longer_fits_the_tracks_is_rejected(monkeypatch):
+    X, poses, P, K = _strafe_scene()
+    alive = np.ones(P.shape[:2], bool)
+    frames = np.zeros((len(P), 64, 64, 3), np.uint8)    # refine_segment is replaced: colours unused
+    seg = Segment(poses.copy(), alive.sum(1), np.zeros(len(P)), True, X.copy())
+    for deg, kept in ((0.02, True), (2.0, False)):
+        offered = _turned(poses, deg)
+        monkeypatch.setattr(photometric, "refine_segment", lambda *a, T=offered, **k: (T, None, None))
+        seg.poses = poses.copy()
+        assert _refine_photometric(frames, K, seg, PoseConfig(), P, alive) is kept
+        assert np.allclose(seg.poses, offered if kept else poses)
+    # photo_track_ratio = 0 keeps whatever the direct alignment returns.
+    assert _refine_photometric(frames, K, seg, PoseConfig(photo_track_ratio=0.0), P, alive)

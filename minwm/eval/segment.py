@@ -254,3 +254,26 @@ def _line_starts(poses: np.ndarray, rots: np.ndarray, N: int, cfg: PoseConfig) -
                 T1[:, :3, :3] = np.eye(3)
                 out.append((T1, np.full(N, 0.3)))
     return out
+
+
+def track_cost(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.ndarray, rho_max: float,
+               c: float = 1.0, sweep: int = 64) -> float:
+    """Mean robust (Cauchy, scale c pixels) reprojection cost per observation of tracks P [n, N, 2]
+    (alive [n, N]) under fixed camera poses [n, 4, 4], each track at its best inverse depth on a grid
+    in [0, rho_max]: how well a camera path explains the tracks, whatever produced it."""
+    n, N, _ = P.shape
+    rays = pixel_rays(P[0], K)
+    grid = np.linspace(0.0, rho_max, sweep)
+    cost = np.zeros((N, sweep))
+    for r in range(1, n):
+        m = alive[r]
+        if not m.any():
+            continue
+        X = (rays[m] @ poses[r, :3, :3].T)[:, None, :] + grid[None, :, None] * poses[r, :3, 3]
+        Z = np.maximum(X[..., 2], 1e-9)
+        x = np.stack([K[0, 0] * X[..., 0] / Z + K[0, 2], K[1, 1] * X[..., 1] / Z + K[1, 2]], -1)
+        e2 = ((x - P[r][m][:, None, :]) ** 2).sum(-1)
+        e2 = np.where(X[..., 2] > 1e-9, e2, 1e6)
+        cost[m] += 0.5 * c * c * np.log1p(e2 / (c * c))
+    obs = max(int(alive[1:].sum()), 1)
+    return float(cost.min(1).sum() / obs)
