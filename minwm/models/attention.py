@@ -81,6 +81,13 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans
     return out
 
 
+def key_padding_mask(valid: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Key-validity mask [B, Sk] (True = a real key) -> [B, 1, Sq, Sk] (an expanded view). Masking keys only --
+    never query rows -- means no row is ever fully masked while a sample has one valid key (a fully masked row
+    would give NaN values that masked keys still multiply into valid rows)."""
+    return valid[:, None, None, :].expand(valid.shape[0], 1, num_queries, valid.shape[1])
+
+
 def mask_to_additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Bool mask (True = may attend) -> additive float mask (0 where allowed, -inf elsewhere)."""
     out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)

@@ -56,9 +56,10 @@ from torch import nn
 
 from minwm.errors import MinwmError
 from minwm.models import prope as prope_ops
-from minwm.models.attention import attention
+from minwm.models.attention import attention, key_padding_mask
 from minwm.models.backbone import Backbone, check_inputs, frame_timesteps
 from minwm.models.config import ModelConfig
+from minwm.models.modulation import gate, modulate
 from minwm.models.masks import teacher_forcing_spans
 
 TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
@@ -85,25 +86,6 @@ def rope_tables(frame_positions: torch.Tensor, height: int, width: int, axes_dim
     grid_w = torch.arange(width, device=dev, dtype=torch.float32)[None, None, :].expand(F_, height, width).reshape(-1)
     parts = [get_1d(axes_dim[i], g, theta, use_real=True) for i, g in enumerate((grid_t, grid_h, grid_w))]
     return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
-    """x [B, frames*n, D] * (1 + scale) + shift with per-frame scale/shift [B, frames, D]."""
-    B, S, D = x.shape
-    x = x.view(B, frames, S // frames, D)
-    return (x * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, S, D)
-
-
-def _gate(x: torch.Tensor, gate: torch.Tensor, frames: int) -> torch.Tensor:
-    B, S, D = x.shape
-    return (x.view(B, frames, S // frames, D) * gate[:, :, None]).view(B, S, D)
-
-
-def _key_mask(valid: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """Key-validity mask [B, Sk] -> [B, 1, Sq, Sk] (an expanded view). Masking keys only -- never query rows --
-    means no row is ever fully masked while a sample has one valid key (a fully masked row would give NaN values
-    that masked keys still multiply into valid rows)."""
-    return valid[:, None, None, :].expand(valid.shape[0], 1, num_queries, valid.shape[1])
 
 
 class Hunyuan15Backbone(Backbone):
@@ -360,7 +342,7 @@ class Hunyuan15Backbone(Backbone):
             else:
                 x, txt = self._block(layer, blk, x, txt, temb, temb_txt, ctx)
         if not output:
-            self._commit_keys(len(blocks), last, x, txt, temb, temb_txt, ctx)
+            self._block(len(blocks), last, x, txt, temb, temb_txt, ctx, kv_only=True)
         if ctx["new_text_kv"] is not None:
             memo.update(kv=ctx["new_text_kv"], valid=txt_valid)
         if not output:
@@ -370,7 +352,7 @@ class Hunyuan15Backbone(Backbone):
             x, temb = x[:, F * n:], temb[:, F:]
         emb = m.norm_out.linear(m.norm_out.silu(temb).to(x.dtype))   # [B, F, 2D]: scale, shift
         scale, shift = emb.chunk(2, dim=-1)
-        x = _modulate(m.norm_out.norm(x), shift, scale, F)
+        x = modulate(m.norm_out.norm(x), scale, shift)
         x = m.proj_out(x)
         x = x.reshape(B, F, hp, wp, -1, 1, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
@@ -387,18 +369,19 @@ class Hunyuan15Backbone(Backbone):
         return entry["by_t"].setdefault(tuple(t_text.flatten().tolist()), {})
 
     # ---- one dual-stream block ----------------------------------------------------------------
-    def _block(self, layer: int, blk: nn.Module, x, txt, temb, temb_txt, ctx):
-        Fv = ctx["Fv"]
+    def _block(self, layer: int, blk: nn.Module, x, txt, temb, temb_txt, ctx, kv_only: bool = False):
+        """One block; kv_only (a refresh pass's last block): write the cache (and the text memo) and stop before
+        the attention and MLPs, which feed nothing there."""
         mv = blk.norm1.linear(blk.norm1.silu(temb))                      # [B, Fv, 6D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mv.chunk(6, dim=-1)
-        nx = _modulate(blk.norm1.norm(x), shift_msa, scale_msa, Fv)
+        nx = modulate(blk.norm1.norm(x), scale_msa, shift_msa)
         attn = blk.attn
         heads = lambda y: y.unflatten(2, (attn.heads, -1))  # noqa: E731
         q, k, v = attn.norm_q(heads(attn.to_q(nx))), attn.norm_k(heads(attn.to_k(nx))), heads(attn.to_v(nx))
 
+        tq = None
         if ctx["text_kv"] is not None:        # streaming, text keys/values of this (prompt, t) already known
             tk, tv = ctx["text_kv"][layer]
-            attn_v, _ = self._attention(layer, blk, q, k, v, None, tk, tv, ctx)
         else:
             mt = blk.norm1_context.linear(blk.norm1_context.silu(temb_txt))  # [B*G, 6D]
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = mt[:, None].chunk(6, -1)
@@ -408,28 +391,24 @@ class Hunyuan15Backbone(Backbone):
             tv = heads(attn.add_v_proj(nt))
             if ctx["new_text_kv"] is not None:
                 ctx["new_text_kv"].append((tk, tv))
-            attn_v, attn_t = self._attention(layer, blk, q, k, v, tq, tk, tv, ctx)
+        if kv_only:
+            self._commit(layer, k, v, ctx)
+            return x, txt
+
+        attn_v, attn_t = self._attention(layer, blk, q, k, v, tq, tk, tv, ctx)
+        if tq is not None:
             txt = txt + attn.to_add_out(attn_t.flatten(2)) * c_gate_msa
             nt = blk.norm2_context(txt) * (1 + c_scale_mlp) + c_shift_mlp
             txt = txt + c_gate_mlp * blk.ff_context(nt)
 
-        x = x + _gate(attn_v, gate_msa, Fv)
-        nx = _modulate(blk.norm2(x), shift_mlp, scale_mlp, Fv)
-        x = x + _gate(blk.ff(nx), gate_mlp, Fv)
+        x = x + gate(attn_v, gate_msa)
+        nx = modulate(blk.norm2(x), scale_mlp, shift_mlp)
+        x = x + gate(blk.ff(nx), gate_mlp)
         return x, txt
 
-    def _commit_keys(self, layer: int, blk: nn.Module, x, txt, temb, temb_txt, ctx) -> None:
-        """The cache writes of a refresh pass's last block (and its text keys/values when the per-(prompt, t)
-        memo is being filled), without the attention and MLPs nothing reads."""
-        attn = blk.attn
-        heads = lambda y: y.unflatten(2, (attn.heads, -1))  # noqa: E731
-        shift_msa, scale_msa = blk.norm1.linear(blk.norm1.silu(temb)).chunk(6, dim=-1)[:2]
-        nx = _modulate(blk.norm1.norm(x), shift_msa, scale_msa, ctx["Fv"])
-        k, v = attn.norm_k(heads(attn.to_k(nx))), heads(attn.to_v(nx))
-        if ctx["new_text_kv"] is not None:
-            c_shift, c_scale = blk.norm1_context.linear(blk.norm1_context.silu(temb_txt))[:, None].chunk(6, -1)[:2]
-            nt = blk.norm1_context.norm(txt) * (1 + c_scale) + c_shift
-            ctx["new_text_kv"].append((attn.norm_added_k(heads(attn.add_k_proj(nt))), heads(attn.add_v_proj(nt))))
+    @staticmethod
+    def _commit(layer: int, k, v, ctx) -> None:
+        """Append this pass's video keys/values (pre-RoPE; PRoPE-transformed for the camera stream)."""
         cache, st = ctx["cache"], ctx["prope_st"]
         cache.append(layer, "self", k, v)
         if st is not None:
@@ -466,16 +445,16 @@ class Hunyuan15Backbone(Backbone):
             # diffusers' joint attention: [video | text] queries over [video | text] keys, padding keys masked
             valid = torch.cat([txt_valid.new_ones(B, Sv), txt_valid[:, 0]], 1)
             out = attention(torch.cat([q_r, tq], 1), torch.cat([k_r, tk], 1), torch.cat([v_all, tv], 1),
-                            _key_mask(valid, Sv + L))
+                            key_padding_mask(valid, Sv + L))
             out_v, out_t = out[:, :Sv], out[:, Sv:]
         else:
             if tq is not None:  # text queries: their own group's text only
-                out_t = attention(tq, tk, tv, _key_mask(txt_valid.reshape(B * G, L), L))
+                out_t = attention(tq, tk, tv, key_padding_mask(txt_valid.reshape(B * G, L), L))
             tk, tv = tk.view(B, G, L, *tk.shape[2:]), tv.view(B, G, L, *tv.shape[2:])
             if mode == "streaming":
                 valid = torch.cat([txt_valid.new_ones(B, k_r.shape[1]), txt_valid[:, 0]], 1)
                 out_v = attention(q_r, torch.cat([k_r, tk[:, 0]], 1), torch.cat([v_all, tv[:, 0]], 1),
-                                  _key_mask(valid, Sv))
+                                  key_padding_mask(valid, Sv))
             else:
                 out_v = self._tf_video_attention(q, k, v, tk, tv, txt_valid, ctx)
         out_v = attn.to_out[1](attn.to_out[0](out_v.flatten(2)))
@@ -490,9 +469,7 @@ class Hunyuan15Backbone(Backbone):
             out_v = out_v + blk.prope_out(po.flatten(2))
 
         if mode == "streaming" and ctx["commit"]:
-            cache.append(layer, "self", k, v)
-            if st is not None:
-                cache.append(layer, "prope", prope_ops.apply_kv(k, st), prope_ops.apply_kv(v, st))
+            self._commit(layer, k, v, ctx)
         return out_v, out_t
 
     def _tf_video_attention(self, q, k, v, tk, tv, txt_valid, ctx):
@@ -519,5 +496,5 @@ class Hunyuan15Backbone(Backbone):
             qb = apply_rotary_emb(q[:, q0:q1], (cos[nk - nq:nk], sin[nk - nq:nk]), sequence_dim=1)
             valid = torch.cat([txt_valid.new_ones(B, nk), txt_valid[:, g]], 1)
             out[:, q0:q1] = attention(qb, torch.cat([kb, tk[:, g]], 1), torch.cat([vb, tv[:, g]], 1),
-                                      _key_mask(valid, nq))
+                                      key_padding_mask(valid, nq))
         return out

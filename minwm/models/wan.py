@@ -33,6 +33,7 @@ from minwm.models import prope as prope_ops
 from minwm.models.attention import attention
 from minwm.models.backbone import Backbone, check_inputs, frame_timesteps
 from minwm.models.config import ModelConfig
+from minwm.models.modulation import gate, modulate
 from minwm.models.masks import teacher_forcing_spans
 from minwm.models.plucker_embed import PLUCKER_CHANNELS, plucker_tokens
 
@@ -93,20 +94,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     c = cos[None, :, None, 0::2]
     s = sin[None, :, None, 1::2]
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2).type_as(x)
-
-
-# ---- per-frame modulation ------------------------------------------------------------------------
-def _modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x [B, S, D] (frames' tokens contiguous) * (1 + scale) + shift, with scale/shift [B, nf, D] per frame."""
-    B, S, D = x.shape
-    nf = scale.shape[1]
-    return (x.view(B, nf, S // nf, D) * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, S, D)
-
-
-def _gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    B, S, D = x.shape
-    nf = gate.shape[1]
-    return (x.view(B, nf, S // nf, D) * gate[:, :, None]).view(B, S, D)
 
 
 @dataclass
@@ -345,17 +332,17 @@ class WanBackbone(Backbone):
         e = blk.scale_shift_table[:, None] + mod.float()  # [B, nf, 6, D]
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = e.unbind(2)
 
-        nh = _modulate(blk.norm1(x.float()), scale_msa, shift_msa).type_as(x)
+        nh = modulate(blk.norm1(x.float()), scale_msa, shift_msa).type_as(x)
         q, k, v = self._qkv(blk.attn1, nh)
         attn = self._self_attention(i, blk, q, k, v, ps)
-        x = (x.float() + _gate(attn, gate_msa)).type_as(x)
+        x = (x.float() + gate(attn, gate_msa)).type_as(x)
 
         nh = blk.norm2(x.float()).type_as(x)
         x = x + self._cross_attention(blk.attn2, nh, ctx.keys[i], ctx.values[i])
 
-        nh = _modulate(blk.norm3(x.float()), c_scale, c_shift).type_as(x)
+        nh = modulate(blk.norm3(x.float()), c_scale, c_shift).type_as(x)
         ff = blk.ffn(nh)
-        return (x.float() + _gate(ff.float(), c_gate)).type_as(x)
+        return (x.float() + gate(ff.float(), c_gate)).type_as(x)
 
     @staticmethod
     def _qkv(a: nn.Module, x: torch.Tensor, with_q: bool = True):
@@ -367,7 +354,7 @@ class WanBackbone(Backbone):
     def _commit_keys(self, i: int, blk: nn.Module, x: torch.Tensor, mod: torch.Tensor, ps: _Pass) -> None:
         """The cache writes of block i in a refresh pass, without the attention and FFN nothing reads."""
         e = blk.scale_shift_table[:, None] + mod.float()
-        nh = _modulate(blk.norm1(x.float()), e[:, :, 1], e[:, :, 0]).type_as(x)
+        nh = modulate(blk.norm1(x.float()), e[:, :, 1], e[:, :, 0]).type_as(x)
         _, k, v = self._qkv(blk.attn1, nh, with_q=False)
         if ps.prope_q is not None:
             ps.cache.append(i, "prope", prope_ops.apply_kv(k, ps.prope_q), prope_ops.apply_kv(v, ps.prope_q))
@@ -425,7 +412,7 @@ class WanBackbone(Backbone):
     def _head(self, x: torch.Tensor, temb: torch.Tensor, F: int, h: int, w: int) -> torch.Tensor:
         tr = self.transformer
         shift, scale = (tr.scale_shift_table[:, None] + temb[:, :, None]).unbind(2)  # [B, F, D] each
-        x = _modulate(tr.norm_out(x.float()), scale, shift).type_as(x)
+        x = modulate(tr.norm_out(x.float()), scale, shift).type_as(x)
         x = tr.proj_out(x)
         p_t, p_h, p_w = self.patch_size
         B = x.shape[0]
