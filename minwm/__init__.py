@@ -18,7 +18,6 @@ if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
     _os.environ["GOMP_SPINCOUNT"] = "10000"
 
 
-
 def _keep_freed_memory() -> None:
     """glibc hands large freed blocks back to the kernel (munmap, heap trim) and page-faults them in again on the
     next allocation of the same size, which on CPU is every activation of every pass. Measured, shape M first

@@ -25,7 +25,7 @@ SECTIONS: dict[str, str] = {
     "model": "minwm.models.config:ModelConfig",
     "train": "minwm.train.trainer:TrainConfig",
     "codec": "minwm.codecs.config:CodecConfig",
-    "inference": "minwm.world:InferenceConfig",
+    "inference": "minwm.inference.config:InferenceConfig",
     "bench": "minwm.bench.latency:BenchConfig",
     "stages": "minwm.stages.config:StagesConfig",
 }

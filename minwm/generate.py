@@ -114,10 +114,10 @@ def run_generate(args) -> int:
     if traj.note:
         print(f"minwm: note: {traj.note}", file=sys.stderr)
     if image is None and wm.needs_image:
-        seed = wm.inference.seed if args.seed is None else args.seed
-        image, caption = wm.procedural_image(seed)
+        image, caption = wm.procedural_image(args.seed)
         print(f"minwm: note: this checkpoint is image-to-video and no --image was given: starting from a render of "
-              f"its procedural world (seed {seed}: {caption})", file=sys.stderr)
+              f"its procedural world (seed {wm.inference.seed if args.seed is None else args.seed}: {caption})",
+              file=sys.stderr)
     elif image is not None and image.shape[:2] != (wm.height, wm.width):
         print(f"minwm: note: resizing {args.image} from {image.shape[1]}x{image.shape[0]} to the model's "
               f"{wm.width}x{wm.height}", file=sys.stderr)

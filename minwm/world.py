@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -43,99 +42,9 @@ import torch
 from minwm.cameras.actions import DEFAULT_INTRINSICS, ActionConfig, actions_to_cameras, parse_actions
 from minwm.cameras.camera import Cameras
 from minwm.errors import MinwmError
+from minwm.inference.config import InferenceConfig, apply_overrides
 
 log = logging.getLogger("minwm.world")
-
-MODES = ("fewstep", "multistep")
-
-# Wan2.1's negative prompt, in English: what the unconditional branch of the multi-step baselines avoids.
-DEFAULT_NEGATIVE_PROMPT = ("vivid colours, overexposed, static, blurry details, subtitles, style, artwork, painting, "
-                           "still image, overall grey, worst quality, low quality, JPEG artefacts, ugly, deformed, "
-                           "extra fingers, poorly drawn hands, poorly drawn face, malformed limbs, fused fingers, "
-                           "motionless frame, cluttered background, three legs, many people in the background, "
-                           "walking backwards")
-
-
-@dataclass
-class InferenceConfig:
-    """Config section `inference`: how a checkpoint is sampled."""
-
-    # "fewstep": the distilled student (consistency sampler over `steps`); "multistep": the AR baseline.
-    mode: str = "fewstep"
-    # Few-step timesteps (t in [0, 1000]); with warp they index the shifted training grid, as in training:
-    # [1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625.0] at shift 5.
-    steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
-    warp: bool = True
-    shift: float = 5.0
-    # KV-cache overrides (null: the model section's window_frames / sink_frames).
-    window_frames: Optional[int] = None
-    sink_frames: Optional[int] = None
-    # Output size in pixels (a multiple of the VAE's spatial factor times the patch size), or the latent grid
-    # directly (needed when there is no codec, e.g. the bench). Unset: the training clips' data.height/width.
-    height: Optional[int] = None
-    width: Optional[int] = None
-    latent_height: Optional[int] = None
-    latent_width: Optional[int] = None
-    # Normalised (fx/W, fy/H, cx/W, cy/H). Null: the training data's (data.hfov_deg, square pixels, centred, at
-    # this size). Inference with other intrinsics than training is a known failure: leave null unless the
-    # training data had other intrinsics.
-    intrinsics: Optional[list[float]] = None
-    # Multi-step baselines (mode multistep, and the bench): sampler, steps, CFG scale, negative prompt.
-    sampler: str = "unipc"
-    baseline_steps: int = 50
-    guidance: float = 3.0
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    # `minwm generate` refuses trajectories longer than this many latent frames (memory of the whole video).
-    max_generate_frames: int = 1024
-    fps: int = 16
-    seed: int = 0
-    # Prompt embedding length when there is no text encoder (random embeddings, bench only).
-    text_tokens: int = 32
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        if not self.steps or any(not 0 < float(t) <= 1000 for t in self.steps):
-            raise ValueError(f"steps: expected a non-empty list of timesteps in (0, 1000], got {self.steps}")
-        if list(self.steps) != sorted(self.steps, reverse=True):
-            raise ValueError(f"steps: expected descending timesteps, got {self.steps}")
-        if self.shift <= 0:
-            raise ValueError(f"shift: expected > 0, got {self.shift}")
-        if self.sampler not in ("unipc", "euler"):
-            raise ValueError(f"sampler: expected unipc or euler, got {self.sampler!r}")
-        for name in ("baseline_steps", "max_generate_frames", "fps", "text_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("height", "width", "latent_height", "latent_width", "window_frames"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name}: expected >= 1 or null, got {v}")
-        if self.sink_frames is not None and self.sink_frames < 0:
-            raise ValueError(f"sink_frames: expected >= 0 or null, got {self.sink_frames}")
-        if self.intrinsics is not None and (len(self.intrinsics) != 4 or min(self.intrinsics[:2]) <= 0):
-            raise ValueError(f"intrinsics: expected [fx/W, fy/H, cx/W, cy/H] with positive focals, "
-                             f"got {self.intrinsics}")
-
-    def timesteps(self) -> list[float]:
-        """The few-step list the student was trained on (warped onto the shifted grid when `warp`)."""
-        if not self.warp:
-            return [float(t) for t in self.steps]
-        from minwm.diffusion.schedule import warp_timesteps
-
-        return [float(t) for t in warp_timesteps(self.steps, self.shift)]
-
-
-def _apply_overrides(cfg: InferenceConfig, overrides: dict) -> InferenceConfig:
-    names = {f.name for f in dataclasses.fields(InferenceConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise MinwmError(f"WorldModel: unknown inference setting {bad[0]!r} "
-                         f"(expected one of: {', '.join(sorted(names))})")
-    try:
-        return dataclasses.replace(cfg, **overrides)
-    except (TypeError, ValueError) as e:
-        raise MinwmError(f"inference: {e}") from None
-
 
 def uint8_frames(video: torch.Tensor) -> np.ndarray:
     """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3]."""
@@ -196,7 +105,7 @@ class WorldModel:
         from minwm.inference.checkpoint import load_checkpoint
 
         backbone, config, codec, text_encoder = load_checkpoint(ckpt_dir, device=device, dtype=dtype)
-        config["inference"] = _apply_overrides(config["inference"], overrides)
+        config["inference"] = apply_overrides(config["inference"], overrides)
         return cls(backbone, config, codec, text_encoder, device=device, dtype=dtype)
 
     @classmethod
@@ -216,7 +125,7 @@ class WorldModel:
         else:
             path, cfg = cfg.path, Config(cfg)  # the caller's config is left as it was
             cfg.path = path
-        cfg["inference"] = _apply_overrides(cfg["inference"], overrides)
+        cfg["inference"] = apply_overrides(cfg["inference"], overrides)
         model_cfg = cfg["model"]
         if random_weights:
             model_cfg = dataclasses.replace(model_cfg, pretrained=None)
@@ -299,13 +208,14 @@ class WorldModel:
         stages = self.config.get("stages")
         return bool(getattr(stages, "ti2v", False))
 
-    def procedural_image(self, seed: int) -> tuple[np.ndarray, str]:
+    def procedural_image(self, seed: Optional[int] = None) -> tuple[np.ndarray, str]:
         """A start frame from the procedural world this checkpoint's config describes (its `data` section):
-        frame 0 of a scene no training clip uses (clip index 10**7 + seed), with its caption. For image-to-video
-        checkpoints when the user gives no image."""
+        frame 0 of a scene no training clip uses (clip index 10**7 + seed; seed None: inference.seed), with its
+        caption. For image-to-video checkpoints when the user gives no image."""
         from minwm.data.procedural import render_clip
 
-        clip = render_clip(self.config["data"], 10**7 + int(seed))
+        seed = self.inference.seed if seed is None else int(seed)
+        clip = render_clip(self.config["data"], 10**7 + seed)
         return fit_image(clip.frames[0], self.height, self.width), clip.caption
 
     # ---- session --------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import torch
 
 from minwm.cameras.actions import ActionConfig
 from minwm.errors import MinwmError
-from minwm.world import InferenceConfig, WorldModel
+from minwm.inference.config import InferenceConfig
+from minwm.world import WorldModel
 
 torch.set_num_threads(1)
 

@@ -152,8 +152,8 @@ class CheckpointRunner:
         self.config = self.wm.config
         self.camera_kind = self.config["model"].camera.kind
         self.has_camera = self.camera_kind != "none"
-        self.ti2v = bool(getattr(self.config["stages"], "ti2v", False)) or \
-            bool(getattr(self.wm.backbone, "condition_channels", False))
+        # image-conditioned: trained with frame 0 given (stages.ti2v), or an adapter with image channels
+        self.ti2v = self.wm.needs_image or bool(getattr(self.wm.backbone, "condition_channels", False))
         self.context_frames = 1 if self.ti2v else self.wm.chunk_frames
         self._texts: dict[str, Any] = {}     # prompt -> prepared text (batch 1)
 

@@ -214,7 +214,7 @@ class PlaySession:
     def _start(self, prompt: str, seed: int | None):
         w, image = self.world, self.opt.image
         if image is None and w.needs_image:
-            image, _ = w.procedural_image(w.inference.seed if seed is None else seed)
+            image, _ = w.procedural_image(seed)
         return w.reset(prompt, image, seed)
 
     def _locked(self, fn, *args):
