@@ -325,7 +325,7 @@ class WorldModel:
                 x0, timings = fewstep_chunk(self.backbone, noise, self.timesteps, cond, self._caches[0], self._noise)
             else:
                 inf = self.inference
-                cond_u = Conditioning(self._neg_text, cam_in, clean, img)
+                cond_u = Conditioning(self._neg_text, inf.uncond_cameras(cam_in), clean, img)
                 x0, timings = multistep_chunk(self.backbone, noise, cond, cond_u, tuple(self._caches),
                                               inf.baseline_steps, inf.shift, inf.guidance, inf.sampler)
         self._record_cameras(cams)
@@ -355,7 +355,8 @@ class WorldModel:
         with torch.inference_mode():
             refresh(self.backbone, x, Conditioning(self._text, cam_in), self._caches[0])
             if self.mode == "multistep" and self.inference.guidance != 1.0:
-                refresh(self.backbone, x, Conditioning(self._neg_text, cam_in), self._caches[1])
+                refresh(self.backbone, x, Conditioning(self._neg_text, self.inference.uncond_cameras(cam_in)),
+                        self._caches[1])
             frames = uint8_frames(self._decoder(x))
         self._record_cameras(cameras)
         self.frame_index += self.chunk_frames

@@ -108,3 +108,17 @@ def test_plucker_rays_at_the_principal_point_look_forward():
     expected = torch.tensor([-0.5, -0.5, 1.0]) / math.sqrt(1.5)
     assert torch.allclose(P[0, 3:, 0, 0], expected, atol=1e-6)
     assert torch.allclose(P[0, :3], torch.zeros(3, 2, 2))  # camera at the origin: zero moment
+
+
+def test_standing_still_keeps_intrinsics_and_puts_every_frame_at_the_start():
+    from minwm.cameras.camera import standing_still
+    from minwm.inference.config import InferenceConfig
+
+    w2c = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    K = torch.rand(2, 3, 4)
+    still, K2 = standing_still((w2c, K))
+    assert still.shape == w2c.shape and still.dtype == w2c.dtype and K2 is K
+    assert torch.equal(still, torch.eye(4, dtype=torch.float64).expand(2, 3, 4, 4))
+    assert standing_still(None) is None
+    assert InferenceConfig().uncond_cameras((w2c, K))[0] is w2c                     # off: the same cameras
+    assert torch.equal(InferenceConfig(camera_guidance=True).uncond_cameras((w2c, K))[0], still)

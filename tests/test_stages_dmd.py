@@ -183,6 +183,23 @@ def test_dmd_gradient_vanishes_when_fake_equals_real(tmp_path):
         assert not torch.equal(d.rollout(mb, 2, "x"), d.rollout(mb, 2, "y"))
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_dmd_real_score_uncond_branch_stands_still_under_camera_guidance(tmp_path, on):
+    """inference.camera_guidance: the real score's CFG branch on the negative prompt sees every frame at the start
+    camera (what inference's CFG will do, so the generator learns it); the conditional branch the clip's cameras."""
+    d, mb = make_dmd(tmp_path, real_guidance=3.0)
+    d.cond.ctx.cfg["inference"].camera_guidance = on
+    seen = []
+    hook = d.real.register_forward_hook(lambda m, a, kw, out: seen.append(a[3][0].clone()), with_kwargs=True)
+    with torch.no_grad():
+        d.generator_loss(mb, 1)
+    hook.remove()
+    cond, uncond = seen
+    eye = torch.eye(4, dtype=cond.dtype).expand_as(cond)
+    assert not torch.allclose(cond, eye)
+    assert torch.equal(uncond, eye) == on and torch.equal(uncond, cond) != on
+
+
 def test_dmd_image_to_video_holds_the_first_frame(tmp_path):
     d, mb = make_dmd(tmp_path, ti2v=True)
     lat = mb.data["latents"]

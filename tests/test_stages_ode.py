@@ -126,6 +126,25 @@ def test_regression_inputs_by_hand():
     assert sigma.tolist() == [[0.0, 0.9], [0.0, 0.9]]
 
 
+def test_guided_velocity_uncond_branch_takes_its_own_cameras():
+    """CFG v_u + g (v_c - v_u) with the unconditional branch on the negative text and `negative_cameras` (camera
+    guidance: standing still); by default both branches see the same cameras."""
+    from minwm.stages.ode_data import guided_velocity
+
+    seen = []
+
+    def model(x, t, text, cams, **kw):
+        seen.append((text, cams))
+        return torch.full_like(x, 1.0 if text == "c" else 0.0)
+
+    x = torch.zeros(1, 1, 2, 1, 1)
+    v = guided_velocity(model, "c", "u", "cams", x, 3.0, negative_cameras="still")(x, 500.0)
+    assert seen == [("c", "cams"), ("u", "still")] and v.flatten().tolist() == [3.0, 3.0]
+    seen.clear()
+    guided_velocity(model, "c", "u", "cams", x, 3.0)(x, 500.0)
+    assert seen == [("c", "cams"), ("u", "cams")]
+
+
 def test_parallel_teacher_forcing_equals_block_by_block_with_ground_truth_in_cache(tmp_path):
     """RECIPE §3: integrating all blocks at once under the TF mask equals integrating block by block, writing the
     ground-truth clean block (not the generated one) into both branches' KV caches at t = 0."""

@@ -143,3 +143,28 @@ def test_inference_config_checks_and_warped_steps():
         WorldModel.from_config(config(), stpes=[1])
     with pytest.raises(MinwmError, match="patch size"):
         WorldModel.from_config(config(5, 4))
+
+
+def test_camera_guidance_uncond_branch_stands_still():
+    """camera_guidance: the unconditional branch (negative prompt, own cache) sees every frame at the start camera,
+    the conditional one the commanded cameras; off, both see the commanded ones. A still command is unaffected."""
+    outs = {}
+    for on in (False, True):
+        wm = session(config(4, 6, chunk=2, window=4, mode="multistep", baseline_steps=2, guidance=3.0,
+                            camera_guidance=on))
+        calls, handle = record(wm)
+        wm.reset("p", seed=0)
+        x = [wm.step_latents("w+l"), wm.step_latents("w+l")]
+        handle.remove()
+        neg = [c for c in calls if c["text"] is wm._neg_text]
+        pos = [c for c in calls if c["text"] is not wm._neg_text]
+        assert neg and pos
+        eye = torch.eye(4, dtype=pos[0]["cams"][0].dtype).expand_as(pos[-1]["cams"][0])
+        assert not torch.allclose(pos[-1]["cams"][0], eye)
+        for c in neg:
+            assert torch.equal(c["cams"][0], eye) == on
+            torch.testing.assert_close(c["cams"][1], pos[0]["cams"][1])
+        wm.reset("p", seed=0)
+        outs[on] = (torch.cat(x, 2), torch.cat([wm.step_latents("_"), wm.step_latents("_")], 2))
+    assert not torch.allclose(outs[False][0], outs[True][0])    # a moving command: guidance changes the motion
+    torch.testing.assert_close(outs[False][1], outs[True][1])   # standing still already: nothing to amplify

@@ -4,6 +4,7 @@ intrinsics normalised by image size (fx/W, fy/H, cx/W, cy/H), so they survive re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -121,6 +122,18 @@ class Cameras:
     def resize_center_cropped(self, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> "Cameras":
         """Cameras after the usual video preprocessing: scale so dst_hw is covered, then centre-crop."""
         return Cameras(self.w2c, resize_crop_intrinsics(self.intrinsics, src_hw, dst_hw))
+
+
+def standing_still(cameras: Optional[tuple[torch.Tensor, torch.Tensor]]
+                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Model camera input (w2c [..., F, 4, 4], intrinsics [..., F, 4]), relative to the first frame, with every
+    frame put back at the first frame's camera (identity w2c; intrinsics kept): "the camera does not move".
+    The unconditional branch of camera guidance and the no-camera baseline of evaluation. None stays None."""
+    if cameras is None:
+        return None
+    w2c, K = cameras
+    eye = torch.eye(4, dtype=w2c.dtype, device=w2c.device)
+    return eye.expand(w2c.shape).clone(), K
 
 
 def crop_intrinsics(intrinsics: torch.Tensor, src_hw: tuple[int, int], crop_hw: tuple[int, int],

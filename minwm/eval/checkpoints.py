@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from minwm.cameras.camera import Cameras
+from minwm.cameras.camera import Cameras, standing_still
 from minwm.errors import MinwmError
 from minwm.world import uint8_frames
 
@@ -77,8 +77,8 @@ def choose_sampler(stage: Optional[str], inference_mode: str, override: str = "a
 
 def fixed_cameras(cams: Cameras) -> Cameras:
     """Every frame at the start camera (identity w2c), intrinsics kept: the baseline's camera input."""
-    F = len(cams)
-    return Cameras(torch.eye(4, dtype=torch.float64).repeat(F, 1, 1), cams.intrinsics.clone())
+    w2c, K = standing_still((cams.w2c, cams.intrinsics))
+    return Cameras(w2c, K.clone())
 
 
 @dataclass
@@ -312,7 +312,7 @@ class CheckpointRunner:
                 cam_in = self._cams([it.cameras[:c] for it in items])
                 refresh(wm.backbone, x, Conditioning(text, cam_in), caches[0])
                 if guided:
-                    refresh(wm.backbone, x, Conditioning(neg, cam_in), caches[1])
+                    refresh(wm.backbone, x, Conditioning(neg, inf.uncond_cameras(cam_in)), caches[1])
                 parts.append(x)
                 start = 1
             for k in range(start, -(-L // c)):
@@ -324,7 +324,7 @@ class CheckpointRunner:
                 if wm.mode == "fewstep":
                     x0, _ = fewstep_chunk(wm.backbone, noise, wm.timesteps, cond, caches[0], noise_fn)
                 else:
-                    cond_u = Conditioning(neg, cam_in, clean, img)
+                    cond_u = Conditioning(neg, inf.uncond_cameras(cam_in), clean, img)
                     x0, _ = multistep_chunk(wm.backbone, noise, cond, cond_u, tuple(caches), inf.baseline_steps,
                                             inf.shift, inf.guidance, inf.sampler)
                 parts.append(x0)
@@ -350,12 +350,12 @@ class CheckpointRunner:
             # Trained with frame 0 clean at t = 0 (stages.ti2v): sampled the same way.
             first = context[:, :, :1]
             cond_c = Conditioning(text, cam_in, first, img)
-            cond_u = Conditioning(neg, cam_in, first, img)
+            cond_u = Conditioning(neg, inf.uncond_cameras(cam_in), first, img)
             with torch.inference_mode():
                 return bidirectional_sample(wm.backbone, noise, cond_c, cond_u, inf.baseline_steps, inf.shift,
                                             inf.guidance, inf.sampler)
         cond_c = Conditioning(text, cam_in, None, img)
-        cond_u = Conditioning(neg, cam_in, None, img)
+        cond_u = Conditioning(neg, inf.uncond_cameras(cam_in), None, img)
         n = context.shape[2]
         ctx, ctx_noise = context, noise[:, :, :n]
 

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from minwm.cameras.camera import standing_still
 from minwm.errors import MinwmError
 
 MODES = ("fewstep", "multistep")
@@ -48,6 +49,12 @@ class InferenceConfig:
     baseline_steps: int = 50
     guidance: float = 3.0
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    # Camera guidance: CFG's unconditional branch also stands still (every frame at the first frame's camera),
+    # so the guidance scale amplifies the commanded motion as well as the prompt: v_u(negative prompt, still
+    # camera) + g (v_c - v_u). Applies wherever CFG does: the multi-step samplers and the Stage-2/3 teachers
+    # (ode-data, cd, dmd's real score), so the few-step student inherits it. It costs nothing (the same two
+    # passes). A model that under-moves (the toy: measured in README) gains control; off reproduces upstream.
+    camera_guidance: bool = False
     # `minwm generate` refuses trajectories longer than this many latent frames (memory of the whole video).
     max_generate_frames: int = 1024
     fps: int = 16
@@ -86,6 +93,10 @@ class InferenceConfig:
         from minwm.diffusion.schedule import warp_timesteps
 
         return [float(t) for t in warp_timesteps(self.steps, self.shift)]
+
+    def uncond_cameras(self, cameras):
+        """The camera input of CFG's unconditional branch: standing still under camera_guidance, else `cameras`."""
+        return standing_still(cameras) if self.camera_guidance else cameras
 
 
 def apply_overrides(cfg: InferenceConfig, overrides: dict) -> InferenceConfig:

@@ -120,7 +120,8 @@ class CD:
         target = cd_target(
             x_t, s_t, s_n,
             teacher_cond=self._velocity(self.teacher, text, cams, x0, extra),
-            teacher_uncond=self._velocity(self.teacher, neg, cams, x0, extra) if neg is not None else None,
+            teacher_uncond=(self._velocity(self.teacher, neg, self.cond.uncond_cameras(cams), x0, extra)
+                            if neg is not None else None),
             target=self._velocity(self.target, text, cams, x0, extra), guidance=self.p.guidance)
         v = self._velocity(self.student, text, cams, x0, extra)(x_t, s_t)
         pred = x0_from_velocity(x_t, v.to(x_t.dtype), s_t)

@@ -393,6 +393,11 @@ class Conditioner:
     def cameras(mb: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return relative_cameras(mb.data["w2c"], mb.data["intrinsics"])
 
+    def uncond_cameras(self, cameras: Any) -> Any:
+        """The camera input of a CFG teacher's unconditional branch (inference.camera_guidance: standing still),
+        so the student learns the guidance inference would apply."""
+        return self.ctx.cfg["inference"].uncond_cameras(cameras)
+
     def extra(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra forward kwargs: image_latents (clean latent frame 0) for TI2V adapters with condition channels."""
         if self.ti2v and self.condition_channels:

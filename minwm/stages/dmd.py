@@ -129,8 +129,9 @@ class DMD:
         eps = mb.randn(*x.shape[1:], salt=f"{salt}/eps", device=x.device).to(x.dtype)
         return add_noise(x.detach(), eps, t / NUM_TRAIN_TIMESTEPS), t, eps
 
-    def _x0(self, model, x_t, t, text, mb) -> torch.Tensor:
-        v = model(x_t, t.to(x_t.device), text, self._cameras(mb), mode="bidirectional",
+    def _x0(self, model, x_t, t, text, mb, cameras=None) -> torch.Tensor:
+        cameras = self._cameras(mb) if cameras is None else cameras
+        v = model(x_t, t.to(x_t.device), text, cameras, mode="bidirectional",
                   **self.cond.extra(mb.data["latents"]))
         return x0_from_velocity(x_t, v.to(x_t.dtype), t / NUM_TRAIN_TIMESTEPS)
 
@@ -138,7 +139,8 @@ class DMD:
         x0_c = self._x0(model, x_t, t, self.cond.text(mb), mb)
         if guidance == 0:
             return x0_c
-        x0_u = self._x0(model, x_t, t, self.cond.negative(x_t.shape[0], x_t.device), mb)
+        x0_u = self._x0(model, x_t, t, self.cond.negative(x_t.shape[0], x_t.device), mb,
+                       self.cond.uncond_cameras(self._cameras(mb)))
         return cfg_from_cond(cond=x0_c, uncond=x0_u, scale=guidance)
 
     def generator_loss(self, mb, exit_index: int) -> dict[str, torch.Tensor]:

@@ -112,10 +112,13 @@ def trajectory(velocity_fn: Callable[[torch.Tensor, float], torch.Tensor], noise
 
 
 def guided_velocity(model: Any, text: Any, negative: Any, cameras: Any, clean: torch.Tensor, guidance: float,
-                    n_clean: int = 0, extra: Optional[dict] = None) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    """velocity_fn(x, t) of the teacher-forced AR teacher with CFG v_u + g (v_c - v_u) (g = 1: conditional only).
+                    n_clean: int = 0, extra: Optional[dict] = None,
+                    negative_cameras: Any = None) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """velocity_fn(x, t) of the teacher-forced AR teacher with CFG v_u + g (v_c - v_u) (g = 1: conditional only;
+    the unconditional branch sees `negative_cameras`, default `cameras`).
     All frames run at t except the first `n_clean` (TI2V: held at the ground truth, t = 0, velocity 0)."""
     extra = dict(extra or {})
+    cams_u = cameras if negative_cameras is None else negative_cameras
 
     def fn(x: torch.Tensor, t: float) -> torch.Tensor:
         B, _, F = x.shape[:3]
@@ -127,7 +130,7 @@ def guided_velocity(model: Any, text: Any, negative: Any, cameras: Any, clean: t
         kw = dict(mode="teacher_forcing", clean_latents=clean, **extra)
         v = model(x, tt, text, cameras, **kw)
         if guidance != 1.0:
-            v = cfg_from_uncond(cond=v, uncond=model(x, tt, negative, cameras, **kw), scale=guidance)
+            v = cfg_from_uncond(cond=v, uncond=model(x, tt, negative, cams_u, **kw), scale=guidance)
         if n_clean:
             v = v.clone()
             v[:, :, :n_clean] = 0
@@ -205,6 +208,8 @@ def run(cfg: Any, out_dir: str | Path, *, init: Optional[dict[str, str]] = None,
                 "batch_size": p.batch_size, "shard_samples": p.shard_samples, "dtype": p.dtype, "seed": seed,
                 "timesteps": timesteps, "latent_frames": cfg["stages"].latent_frames, "ti2v": cfg["stages"].ti2v,
                 "negative_prompt": cfg["inference"].negative_prompt if p.guidance != 1.0 else None}
+    if p.guidance != 1.0 and cfg["inference"].camera_guidance:
+        settings["camera_guidance"] = True      # only when on: data made without it keeps its fingerprint
     fingerprint = {"settings": settings, "teacher": module_digest(teacher),
                    "latents": _digest([data.cache.index.get("fingerprint"), names])}
     shards = (num_samples + p.shard_samples - 1) // p.shard_samples
@@ -251,7 +256,8 @@ def run(cfg: Any, out_dir: str | Path, *, init: Optional[dict[str, str]] = None,
             noise = torch.stack([sample_noise(seed, i, (C, F, h, w)) for i in batch]).to(ctx.device)
             if n_clean:
                 noise[:, :, :n_clean] = x0[:, :, :n_clean]
-            fn = guided_velocity(teacher, text, neg, cams, x0, p.guidance, n_clean, cond.extra(x0))
+            fn = guided_velocity(teacher, text, neg, cams, x0, p.guidance, n_clean, cond.extra(x0),
+                                 negative_cameras=cond.uncond_cameras(cams))
             with torch.inference_mode(), amp():
                 states, end = trajectory(fn, noise, p.steps, p.shift, keep)
             for j, (i, c) in enumerate(zip(batch, clips)):
