@@ -21,8 +21,6 @@ from typing import Any, Optional
 
 import torch
 
-from minwm.diffusion.losses import cfg_from_uncond
-from minwm.diffusion.samplers import euler_sample, euler_sigmas
 from minwm.diffusion.schedule import FlowSchedule
 from minwm.errors import MinwmError
 from minwm.stages import bidirectional, common
@@ -65,13 +63,17 @@ def run(cfg: Any, out_dir: str | Path, *, init: Optional[dict[str, str]] = None,
 @torch.no_grad()
 def generate(model: Any, text: Any, cameras: Optional[tuple[torch.Tensor, torch.Tensor]], noise: torch.Tensor, *,
              steps: int = 48, shift: float = 5.0, guidance: float = 1.0, negative_text: Any = None,
+             negative_cameras: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
              clean_first: Optional[torch.Tensor] = None, image_latents: Optional[torch.Tensor] = None,
              window_frames: Optional[int] = -1) -> torch.Tensor:
     """Autoregressive sampling of a teacher-forcing-trained model: for each chunk of noise [B, C, F, h, w]
     (F a multiple of chunk_frames), `steps` Euler steps on the shift grid in streaming mode over the KV cache,
-    then one t = 0 pass with commit=True. guidance != 1 applies v_u + g (v_c - v_u) with `negative_text`
-    (separate KV caches for the two branches). clean_first [B, C, 1, h, w] holds latent frame 0 clean (TI2V).
+    then one t = 0 pass with commit=True (inference.sampling.multistep_chunk, what WorldModel runs). guidance != 1
+    applies v_u + g (v_c - v_u) with `negative_text` and `negative_cameras` (default: `cameras`), the two branches
+    on separate KV caches. clean_first [B, C, 1, h, w] holds latent frame 0 clean (TI2V).
     Returns the clean latents [B, C, F, h, w]."""
+    from minwm.inference.sampling import Conditioning, multistep_chunk
+
     B, C, F, h, w = noise.shape
     c = model.cfg.chunk_frames
     if F % c:
@@ -79,41 +81,20 @@ def generate(model: Any, text: Any, cameras: Optional[tuple[torch.Tensor, torch.
     use_u = guidance != 1.0
     if use_u and negative_text is None:
         raise MinwmError("generate: guidance != 1 needs negative_text")
-    caches = [model.new_cache(B, h, w, window_frames=window_frames)]
-    if use_u:
-        caches.append(model.new_cache(B, h, w, window_frames=window_frames))
-    sigmas = euler_sigmas(steps, shift)
-    extra = {"image_latents": image_latents} if image_latents is not None else {}
+    neg_cams = cameras if negative_cameras is None else negative_cameras
+    caches = (model.new_cache(B, h, w, window_frames=window_frames),
+              model.new_cache(B, h, w, window_frames=window_frames) if use_u else None)
+
+    def chunk(cams, k):
+        return None if cams is None else (cams[0][:, k * c:(k + 1) * c], cams[1][:, k * c:(k + 1) * c])
+
     out = []
     for k in range(F // c):
-        sl = slice(k * c, (k + 1) * c)
-        cams = None if cameras is None else (cameras[0][:, sl], cameras[1][:, sl])
-        hold = clean_first if (clean_first is not None and k == 0) else None
-
-        def clamp(x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-            tt = torch.full((B, c), float(t), device=x.device)
-            if hold is not None:
-                x = x.clone()
-                x[:, :, :1] = hold.to(x.dtype)
-                tt[:, 0] = 0.0
-            return x, tt
-
-        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-            x, tt = clamp(x, t)
-            v = model(x, tt, text, cams, mode="streaming", cache=caches[0], **extra)
-            if use_u:
-                v_u = model(x, tt, negative_text, cams, mode="streaming", cache=caches[1], **extra)
-                v = cfg_from_uncond(cond=v, uncond=v_u, scale=guidance)
-            if hold is not None:
-                v = v.clone()
-                v[:, :, :1] = 0
-            return v
-
-        x0 = euler_sample(velocity, noise[:, :, sl], sigmas)
-        x0, t0 = clamp(x0, 0.0)
-        model(x0, t0, text, cams, mode="streaming", cache=caches[0], commit=True, output=False, **extra)
-        if use_u:
-            model(x0, t0, negative_text, cams, mode="streaming", cache=caches[1], commit=True, output=False, **extra)
+        hold = clean_first if k == 0 else None
+        cond = Conditioning(text, chunk(cameras, k), hold, image_latents)
+        cond_u = Conditioning(negative_text, chunk(neg_cams, k), hold, image_latents) if use_u else None
+        x0, _ = multistep_chunk(model, noise[:, :, k * c:(k + 1) * c], cond, cond_u, caches, steps, shift, guidance,
+                                "euler")
         out.append(x0)
     return torch.cat(out, dim=2)
 
