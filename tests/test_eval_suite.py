@@ -79,6 +79,7 @@ def test_eval_cli_writes_report_and_metrics_for_every_stage(ckpts, tmp_path, cap
     ref = m["reference"]["estimator"]
     assert ref["direction_accuracy"] == 1.0 and ref["rot_err_deg"] < 2.0   # the estimator reads the renders
     report = (out / "report.md").read_text()
+    assert m["reference"]["vae_roundtrip"]["num_cases"] == 2 and "(a perfect model)" in report
     assert "baseline (fixed camera)" in report and "Per-stage comparison" in report and "First chunk (2 latent frames" in report
     for png in ("error_vs_frame.png", "stages.png", "strip_s0_hold_w.png"):
         data = (out / png).read_bytes()
@@ -97,8 +98,14 @@ def test_scoring_against_an_oracle(ckpts, monkeypatch):
         return out
 
     monkeypatch.setattr(C.CheckpointRunner, "generate_batch", oracle)
+    monkeypatch.setattr(C.CheckpointRunner, "roundtrip", lambda self, frames: frames.copy())  # a lossless VAE
+    monkeypatch.setattr(R, "_GT_MEMO", {})   # not the real VAE's round trips an earlier test left in memory
     res = R.evaluate([ckpts["dmd"]], "toy-smoke", None, pose_workers=0, progress=False, echo=lambda *a: None)
     c, ref = res["checkpoints"]["dmd"], res["reference"]["estimator"]
+    rt = res["reference"]["vae_roundtrip"]   # the render through the VAE: with a lossless one, the render itself
+    assert rt["num_cases"] == 2 and rt["psnr"] == R.PSNR_CAP
+    for k in ("rot_err", "trans_err", "cam_mc", "direction_accuracy"):
+        assert rt[k] == pytest.approx(ref[k])
     for k in ("rot_err", "trans_err", "cam_mc", "direction_accuracy"):
         assert c[k] == pytest.approx(ref[k])
     assert c["direction_accuracy"] == 1.0 and c["pose_failures"] == 0

@@ -149,6 +149,8 @@ class CheckpointRunner:
         if multistep_steps is not None and self.sampler != "fewstep":
             overrides["baseline_steps"] = int(multistep_steps)
         self.wm = WorldModel.from_checkpoint(self.path, device=device, **overrides)
+        from minwm.inference.checkpoint import _resolve
+        self.vae_dir = str(_resolve(cfg["codec"].vae, self.path).resolve())   # names the VAE (roundtrip memo)
         self.config = self.wm.config
         self.camera_kind = self.config["model"].camera.kind
         self.has_camera = self.camera_kind != "none"
@@ -182,9 +184,18 @@ class CheckpointRunner:
     def encode_context(self, frames: np.ndarray) -> torch.Tensor:
         T = self.wm.temporal_factor
         n = 1 + T * (self.context_frames - 1)
-        video = torch.from_numpy(np.ascontiguousarray(frames[:n])).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         with torch.inference_mode():
-            return self.wm.codec.encode(video.to(self.wm.device)).to(self.wm.dtype)
+            return self.wm.codec.encode(self._video(frames[:n])).to(self.wm.dtype)
+
+    def _video(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [F, H, W, 3] -> the VAE's input [1, 3, F, H, W] in [-1, 1] on the model's device."""
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        return video.to(self.wm.device)
+
+    def roundtrip(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 frames [F, H, W, 3] through this checkpoint's VAE (encode + decode): a perfect model's output."""
+        with torch.inference_mode():
+            return uint8_frames(self.wm.codec.decode(self.wm.codec.encode(self._video(frames))))[:len(frames)]
 
     def generate(self, frames: np.ndarray, latent_cams: Cameras, prompt: str, seed: int,
                  context: torch.Tensor) -> np.ndarray:

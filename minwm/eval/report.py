@@ -243,6 +243,9 @@ def summary_table(result: dict, long: bool = False) -> str:
     ref = (result.get("reference") or {}).get("estimator_long" if long else "estimator")
     if ref:
         rows.append(_row("render (estimator floor)", ref, ["ground truth"]))
+    rt = None if long else (result.get("reference") or {}).get("vae_roundtrip")
+    if rt:
+        rows.append(_row("render through the VAE (a perfect model)", rt, ["ground truth, VAE encode + decode"]))
     return table(header, rows)
 
 
@@ -306,8 +309,10 @@ def render_markdown(result: dict, figures: dict[str, str]) -> str:
              "definitions: RotErr sums per-frame geodesic angles in radians, RotErr deg/frame is their mean, "
              "TransErr and CamMC use translations normalised by each trajectory's largest). Dir. acc. is the "
              "fraction of commanded (step, axis) pairs that moved the commanded way (pause excluded). The "
-             "estimator run on the render itself gives the floor (*render (estimator floor)*). A video the "
-             "estimator cannot read is a pose failure: left out of the errors, direction accuracy 0.",
+             "estimator run on the render itself gives the floor (*render (estimator floor)*); run on the render "
+             "passed through the VAE (*a perfect model*), it gives the best scores any model decoded by this VAE "
+             "can get. A video the estimator cannot read is a pose failure: left out of the errors, direction "
+             "accuracy 0.",
              "- **Image metrics.** PSNR / SSIM per generated frame against the render (context frames are not "
              "scored). Context VAE round trip: "
              f"{fmt((result.get('reference') or {}).get('context_psnr'), 2)} dB, the ceiling a perfect model "

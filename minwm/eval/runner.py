@@ -255,6 +255,9 @@ class GroundTruth:
     steps: list                   # the commanded latent steps
     context: dict = field(default_factory=dict)   # VAE key -> encoded context latents
     reference: Any = None                        # the estimator on the render itself (a pending PoseJobs result)
+    # VAE directory -> the render through that VAE (encode + decode): what a PERFECT model would output, so its
+    # scores are the best any model decoded by that VAE can get: (image scores, pending PoseJobs result).
+    roundtrip: dict = field(default_factory=dict)
 
 
 # Renders and the estimator's reading of them, kept across evaluate() calls in one process (the quickstart
@@ -322,11 +325,14 @@ def evaluate(ckpts: dict | Sequence, suite: str | Suite = "toy-heldout", out_dir
     results: dict[str, dict] = {}
     showcase: dict[str, dict] = {}      # case name -> {"gt": frames, "<ckpt>": frames, "<ckpt>/baseline": ...}
     context_psnr: list[float] = []
+    vae_dirs: list[str] = []
     jobs = None
     try:
         for name, path in names.items():
             t0 = time.perf_counter()
             runner = CheckpointRunner(name, path, sampler, device, suite_obj.multistep_steps)
+            if runner.has_camera:
+                vae_dirs.append(runner.vae_dir)
             if jobs is None:   # started after the first checkpoint loaded, so a bad one fails fast
                 jobs = PoseJobs(pose_workers, echo)
             try:
@@ -340,6 +346,12 @@ def evaluate(ckpts: dict | Sequence, suite: str | Suite = "toy-heldout", out_dir
         refs = [{"name": g.case.name, "trajectory": g.case.trajectory, "group": g.case.group, **g.reference.result()}
                 for g in gts.values() if g.reference is not None]
         main_refs = [r for r in refs if r["group"] != "long"]
+        rts = []       # the first checkpoint's VAE (a quickstart's stages share one)
+        for g in gts.values():
+            if vae_dirs and vae_dirs[0] in g.roundtrip and g.case.group != "long":
+                images, pose = g.roundtrip[vae_dirs[0]]
+                rts.append({"name": g.case.name, "trajectory": g.case.trajectory, "group": g.case.group, **images,
+                            **{k: v for k, v in pose.result().items() if k != "per_frame"}})
         result = {
             "format": FORMAT, "version": 1,
             "suite": {"name": suite_obj.name, "description": suite_obj.description, "scenes": suite_obj.scenes,
@@ -350,6 +362,7 @@ def evaluate(ckpts: dict | Sequence, suite: str | Suite = "toy-heldout", out_dir
             "reference": {"estimator": summarize(main_refs) if main_refs else None,
                           "estimator_long": summarize([r for r in refs if r["group"] == "long"])
                           if len(main_refs) < len(refs) else None,
+                          "vae_roundtrip": summarize(rts) if rts else None,
                           "context_psnr": _mean(context_psnr)},
             "seed": seed, "threads": threads, "time_s": round(time.perf_counter() - t_start, 1),
         }
@@ -398,6 +411,10 @@ def _run_checkpoint(runner: CheckpointRunner, suite: Suite, seed: int, gts: dict
             gt.reference = jobs.submit(gt.frames, gt.cameras, gt.steps[n_ctx - 1:], start, T)
         if vae_key not in gt.context:
             gt.context[vae_key] = runner.encode_context(gt.frames)
+        if runner.vae_dir not in gt.roundtrip and runner.has_camera:
+            rt = runner.roundtrip(gt.frames)
+            gt.roundtrip[runner.vae_dir] = (score_images(rt, gt.frames, first_scored),
+                                            jobs.submit(rt, gt.cameras, gt.steps[n_ctx - 1:], start, T))
         sc = None
         if case.trajectory in suite.strips and case.scene == 0 and not case.long:
             sc = showcase.setdefault(case.name, {"gt": gt.frames, "gt_cameras": gt.cameras, "first": first_scored,
