@@ -22,6 +22,12 @@ from a minwm config; explicit flags override it. --pose KEY=VALUE sets a PoseCon
 softer videos generative models make, to check that a change does not buy accuracy on exact renders with
 robustness on blurry ones.
 
+--vae DIR passes every rendered clip through a video VAE (encode + decode; a diffusers VAE folder as
+minwm.codecs.vae.VideoCodec loads it, e.g. a toy run's vae/) before estimation: what a perfect world
+model would output. The estimator must read those videos about as well as the exact renders (the VAE
+flickers: static clips gain a few tenths of a pixel of temporally varying track noise). --frames must be
+1 + 4k for the VAE.
+
 --track-error also measures the tracker against exact correspondences (each frame-0 corner cast into
 the scene, its 3-D point projected into every frame): median and 75th-percentile error in pixels at
 frames 8, 16 and 32. It separates tracking error from the geometry solver's error.
@@ -104,10 +110,19 @@ def track_error(video, scene, cams, height, width) -> dict:
     return out
 
 
+def vae_round_trip(codec, video: np.ndarray) -> np.ndarray:
+    """uint8 frames [F, H, W, 3] -> the same clip encoded and decoded by `codec` (a VideoCodec), uint8."""
+    from minwm.world import uint8_frames
+    x = torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.inference_mode():
+        return uint8_frames(codec.decode(codec.encode(x)))
+
+
 def run(seeds, frames, size, hfov, supersample, only=None, tracking=False, actions: ActionConfig | None = None,
-        pose_cfg: PoseConfig | None = None, height: int | None = None, blur: float = 0.0):
+        pose_cfg: PoseConfig | None = None, height: int | None = None, blur: float = 0.0, codec=None):
     """height: image rows (default: size, a square image of `size` columns); blur: Gaussian sigma (pixels)
-    applied to every rendered frame (0 = exact renders)."""
+    applied to every rendered frame (0 = exact renders); codec: a VideoCodec every clip goes through
+    (encode + decode, after any blur) before estimation (None = none)."""
     height = height or size
     K = square_intrinsics(hfov, height, size)
     programs = eval_trajectories(num_latent_frames(frames))
@@ -123,6 +138,8 @@ def run(seeds, frames, size, hfov, supersample, only=None, tracking=False, actio
             video = render(scene, cams, height, size, supersample=supersample)
             if blur > 0:
                 video = np.stack([cv2.GaussianBlur(f, (0, 0), blur) for f in np.asarray(video)])
+            if codec is not None:
+                video = vae_round_trip(codec, np.asarray(video))
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 est = estimate_poses(video, K, pose_cfg)
@@ -226,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--pose", nargs="*", metavar="KEY=VALUE", help="PoseConfig fields to set, e.g. photometric=false")
     p.add_argument("--supersample", type=int, default=1, help="renderer supersampling (1 = exact point samples)")
     p.add_argument("--blur", type=float, default=0.0, help="Gaussian blur sigma (pixels) of every frame (0 = none)")
+    p.add_argument("--vae", metavar="DIR", help="VAE folder: estimate from encoded + decoded clips (default: none)")
     p.add_argument("--only", nargs="*", help="clip names to run (default: all)")
     p.add_argument("--json", help="write per-clip rows and the summary here")
     p.add_argument("--track-error", action="store_true", help="also measure tracks against exact correspondences")
@@ -248,6 +266,13 @@ def main(argv=None) -> int:
         pose_cfg = pose_overrides(a.pose)
         if not a.blur >= 0:
             raise MinwmError(f"--blur {a.blur}: expected a sigma >= 0 (pixels)")
+        codec = None
+        if a.vae:
+            from minwm.codecs.vae import VideoCodec
+            codec = VideoCodec.from_pretrained(a.vae)
+            if (frames - 1) % codec.temporal_factor:
+                raise MinwmError(f"--vae {a.vae}: clips of {frames} frames cannot be encoded; the VAE needs "
+                                 f"1 + {codec.temporal_factor}k frames")
     except MinwmError as e:
         print(f"minwm: error: {e}", file=sys.stderr)
         return 2
@@ -255,8 +280,9 @@ def main(argv=None) -> int:
                   "translation_step": actions.translation_step, "rotation_step_deg": actions.rotation_step_deg}
     print(f"check: {frames} frames {height}x{width}, hfov {hfov} deg, steps {actions.translation_step} units / "
           f"{actions.rotation_step_deg} deg, seeds {a.seeds}, pose {a.pose or 'defaults'}"
-          + (f", blur sigma {a.blur}" if a.blur else ""), flush=True)
-    rows = run(a.seeds, frames, width, hfov, a.supersample, a.only, a.track_error, actions, pose_cfg, height, a.blur)
+          + (f", blur sigma {a.blur}" if a.blur else "") + (f", VAE round trip {a.vae}" if a.vae else ""), flush=True)
+    rows = run(a.seeds, frames, width, hfov, a.supersample, a.only, a.track_error, actions, pose_cfg, height, a.blur,
+               codec)
     summary = summarise(rows)
     print(json.dumps(summary, indent=2))
     if a.json:

@@ -132,9 +132,9 @@ def solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseConf
     Tj = np.eye(4)
     Tj[:3, :3], Tj[:3, 3] = R, t.ravel()
     idx = np.flatnonzero(m)[inl.ravel() > 0]
-    X = _triangulate_pair(P[0][idx], P[j][idx], Tj, K, cfg)
     points = np.full((N, 3), np.nan)
-    points[idx] = X
+    if len(idx):               # no inlier left (cv2 would return None): the line starts below still seed the solver
+        points[idx] = _triangulate_pair(P[0][idx], P[j][idx], Tj, K, cfg)
     poses[j] = Tj                                       # first guesses: Tj, elsewhere rotation only
     for r in range(1, n):
         if moving[r] and r != j:
