@@ -103,6 +103,8 @@ def run_generate(args) -> int:
     overrides = {}
     if args.mode:
         overrides["mode"] = args.mode
+    if args.camera_guidance is not None:
+        overrides["camera_guidance"] = args.camera_guidance
     if args.steps:
         try:
             overrides["steps"] = [float(s) for s in args.steps.split(",")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from minwm.argtypes import positive_int
 
 
@@ -20,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: inference.seed)")
     p.add_argument("--mode", choices=("fewstep", "multistep"), help="override inference.mode")
     p.add_argument("--steps", help="override inference.steps, comma-separated (e.g. 1000,750,500,250)")
+    p.add_argument("--camera-guidance", action=argparse.BooleanOptionalAction, default=None,
+                   help="override inference.camera_guidance (multistep: CFG's unconditional branch stands still)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -169,3 +169,19 @@ def test_image_to_video_checkpoint_needs_a_first_frame(ti2v_ckpt, tmp_path, caps
     assert "procedural world (seed 3" in capsys.readouterr().err
     v = read_video(out)
     assert len(v) == 9 and np.abs(v[0].astype(float) - image).mean() < 6   # H.264 error only
+
+
+def test_camera_guidance_flag_reaches_the_session(ckpt, tmp_path, monkeypatch):
+    seen = {}
+    real = WorldModel.from_checkpoint.__func__
+
+    def spy(cls, path, **kw):
+        wm = real(cls, path, **kw)
+        seen["inference"] = wm.inference
+        return wm
+    monkeypatch.setattr(WorldModel, "from_checkpoint", classmethod(spy))
+    out = tmp_path / "cg.mp4"
+    assert generate(ckpt, out, "w*2", "--mode", "multistep", "--camera-guidance") == 0 and out.is_file()
+    assert seen["inference"].camera_guidance and seen["inference"].mode == "multistep"
+    assert generate(ckpt, tmp_path / "off.mp4", "w*2", "--no-camera-guidance") == 0
+    assert not seen["inference"].camera_guidance
