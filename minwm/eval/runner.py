@@ -411,7 +411,7 @@ def _run_checkpoint(runner: CheckpointRunner, suite: Suite, seed: int, gts: dict
             gt.reference = jobs.submit(gt.frames, gt.cameras, gt.steps[n_ctx - 1:], start, T)
         if vae_key not in gt.context:
             gt.context[vae_key] = runner.encode_context(gt.frames)
-        if runner.vae_dir not in gt.roundtrip and runner.has_camera:
+        if suite.vae_floor and runner.has_camera and runner.vae_dir not in gt.roundtrip:
             rt = runner.roundtrip(gt.frames)
             gt.roundtrip[runner.vae_dir] = (score_images(rt, gt.frames, first_scored),
                                             jobs.submit(rt, gt.cameras, gt.steps[n_ctx - 1:], start, T))

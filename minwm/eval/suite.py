@@ -42,6 +42,7 @@ class Suite:
     latent_frames: Optional[int] = None      # None: the checkpoint's training clip length
     multistep_steps: Optional[int] = None    # multi-step samplers (ar, bidirectional): steps; None: the ckpt's
     strips: tuple[str, ...] = ()             # trajectories shown as frame strips in the report (scene 0)
+    vae_floor: bool = True                   # also score each render through the VAE (a perfect model's output)
     seed: int = HELDOUT_SEED
 
 
