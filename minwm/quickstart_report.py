@@ -30,13 +30,14 @@ UPSCALE = 2   # 64x64 toy frames are hard to read at 1:1 in a report
 # ---- evaluation ---------------------------------------------------------------------------------------------
 def quick_suite():
     """The quickstart's evaluation: 2 held-out scenes x the ten single actions (what issue #8's direction accuracy
-    is judged on), 20 multi-step sampler steps as in toy-heldout. About a third of toy-heldout's cost, which does
-    not fit the quickstart's 20 minutes with four checkpoints; `--suite toy-heldout` runs the full one. No VAE
-    round-trip row (its 20 extra pose estimates cost about 40 s of the 20 minutes; `minwm eval` has it)."""
+    is judged on). About a third of toy-heldout's cost, which does not fit the quickstart's 20 minutes with four
+    checkpoints; `--suite toy-heldout` runs the full one. To hold the 20 minutes (a fresh-clone run took 19:49
+    with 20 steps), the multi-step samplers (bidirectional, AR) take 10 UniPC steps instead of toy-heldout's 20,
+    and there is no VAE round-trip row (its 20 extra pose estimates cost about 40 s; `minwm eval` has it)."""
     from minwm.eval.suite import SINGLE_KEYS, Suite
 
     return Suite(name="quickstart", description="2 held-out scenes x the ten single actions held for the clip",
-                 scenes=2, trajectories=tuple(f"hold_{k}" for k in SINGLE_KEYS), multistep_steps=20,
+                 scenes=2, trajectories=tuple(f"hold_{k}" for k in SINGLE_KEYS), multistep_steps=10,
                  strips=("hold_w", "hold_l"), vae_floor=False)
 
 
