@@ -116,6 +116,34 @@ def run_child(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_cd_teacher_uncond_branch_stands_still_under_camera_guidance(tmp_path, on):
+    """inference.camera_guidance: the CFG teacher's branch on the negative prompt sees every frame at the start
+    camera (as inference's CFG will), the conditional teacher, the target and the student the clip's cameras."""
+    from minwm.stages import cd, common
+    from minwm.train.data import MicroBatch
+
+    teacher = make_teacher(tmp_path)
+    cfg = cd_config(tmp_path / "cache")
+    cfg["inference"].camera_guidance = on
+    ctx = common.prepare("cd", cfg, tmp_path / "out", {"init": teacher, "teacher": teacher}, False, None)
+    data = common.latent_dataset(ctx)
+    student = common.build_model(ctx, "init")
+    tm = common.build_model(ctx, "teacher", trainable=False)
+    obj = cd.CD(student, common.build_model(ctx, "init", trainable=False), tm, ctx.params,
+                common.Conditioner(ctx, student, data, need_negative=True))
+    seen = []
+    hook = tm.register_forward_hook(lambda m, a, kw, out: seen.append(a[3][0].clone()), with_kwargs=True)
+    batch = torch.utils.data.default_collate([data[0], data[1]])
+    with torch.no_grad():
+        obj.loss(MicroBatch(batch, torch.tensor([0, 1]), torch.tensor([0, 1]), 0, 0))
+    hook.remove()
+    cond, uncond = seen
+    eye = torch.eye(4, dtype=cond.dtype).expand_as(cond)
+    assert not torch.allclose(cond, eye)
+    assert torch.equal(uncond, eye) == on and torch.equal(uncond, cond) != on
+
+
 def test_cd_resumes_exactly_after_sigkill_and_samples(tmp_path):
     from safetensors.torch import load_file
 
