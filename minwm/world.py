@@ -42,15 +42,10 @@ import torch
 from minwm.cameras.actions import DEFAULT_INTRINSICS, ActionConfig, actions_to_cameras, parse_actions
 from minwm.cameras.camera import Cameras
 from minwm.errors import MinwmError
+from minwm.codecs.vae import uint8_frames, vae_input
 from minwm.inference.config import InferenceConfig, apply_overrides
 
 log = logging.getLogger("minwm.world")
-
-def uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3]."""
-    v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return v.permute(1, 2, 3, 0).contiguous().cpu().numpy()
-
 
 class WorldModel:
     """A streaming session over one backbone. Not thread-safe: one caller at a time (the play server
@@ -251,7 +246,7 @@ class WorldModel:
         if self.codec is None:
             raise MinwmError("image: this model has no VAE configured (codec.vae), so it cannot take an image")
         frame = fit_image(image, self.height, self.width)
-        video = torch.from_numpy(frame).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1  # [1, 3, 1, H, W]
+        video = vae_input(frame[None])                                    # [1, 3, 1, H, W]
         with torch.inference_mode():
             self._image_latent = self.codec.encode(video.to(self.device)).to(self.dtype)
         return frame[None]

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from minwm.cameras.actions import ActionConfig
+from minwm.codecs.vae import round_trip
 from minwm.config import load_config
 from minwm.errors import MinwmError
 from minwm.eval.metrics import camera_metrics, direction_accuracy
@@ -110,14 +111,6 @@ def track_error(video, scene, cams, height, width) -> dict:
     return out
 
 
-def vae_round_trip(codec, video: np.ndarray) -> np.ndarray:
-    """uint8 frames [F, H, W, 3] -> the same clip encoded and decoded by `codec` (a VideoCodec), uint8."""
-    from minwm.world import uint8_frames
-    x = torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-    with torch.inference_mode():
-        return uint8_frames(codec.decode(codec.encode(x)))
-
-
 def run(seeds, frames, size, hfov, supersample, only=None, tracking=False, actions: ActionConfig | None = None,
         pose_cfg: PoseConfig | None = None, height: int | None = None, blur: float = 0.0, codec=None):
     """height: image rows (default: size, a square image of `size` columns); blur: Gaussian sigma (pixels)
@@ -139,7 +132,7 @@ def run(seeds, frames, size, hfov, supersample, only=None, tracking=False, actio
             if blur > 0:
                 video = np.stack([cv2.GaussianBlur(f, (0, 0), blur) for f in np.asarray(video)])
             if codec is not None:
-                video = vae_round_trip(codec, np.asarray(video))
+                video = round_trip(codec, np.asarray(video))
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 est = estimate_poses(video, K, pose_cfg)

@@ -1,9 +1,11 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from minwm.codecs.config import tiny_wan_vae
 from minwm.codecs.vae import VideoCodec
 from minwm.errors import MinwmError
 
@@ -144,3 +146,14 @@ def test_fast_rms_norms_match_diffusers_forward_and_gradients():
     assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-3, atol=1e-6)
     # A zero input keeps the eps guard: finite, like F.normalize.
     assert torch.isfinite(fast.encode(torch.zeros(1, 3, 1, 16, 16)).latent_dist.mode()).all()
+
+
+def test_pixel_conversions_invert_and_round_trip_keeps_the_clip_shape():
+    from minwm.codecs.vae import round_trip, uint8_frames, vae_input
+
+    frames = np.random.default_rng(0).integers(0, 256, (5, 16, 24, 3), dtype=np.uint8)
+    video = vae_input(frames)
+    assert video.shape == (1, 3, 5, 16, 24) and -1 <= video.min() and video.max() <= 1
+    assert np.array_equal(uint8_frames(video), frames)                  # exact inverse on uint8 frames
+    out = round_trip(VideoCodec.from_config(tiny_wan_vae(), seed=0), frames)
+    assert out.dtype == np.uint8 and out.shape == frames.shape and not np.array_equal(out, frames)

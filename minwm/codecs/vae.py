@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from minwm.errors import MinwmError
@@ -20,6 +21,25 @@ from minwm.io import read_json
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def vae_input(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames [F, H, W, 3] -> the VAE's input video [1, 3, F, H, W] in [-1, 1] (float32, CPU)."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+
+
+def uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3] (the inverse of vae_input, rounded)."""
+    v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def round_trip(codec: "VideoCodec", frames: np.ndarray) -> np.ndarray:
+    """uint8 frames [1 + 4k, H, W, 3] encoded and decoded by `codec`: what a perfect model decoded by this VAE
+    would output (evaluation's perfect-model row, scripts/check_pose_estimator.py --vae)."""
+    with torch.inference_mode():
+        video = codec.decode(codec.encode(vae_input(frames).to(next(codec.vae.parameters()).device)))
+    return uint8_frames(video)[:len(frames)]
 
 
 def _vae_class(kind: str):

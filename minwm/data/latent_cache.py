@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from minwm.cameras.camera import Cameras, latent_cameras
+from minwm.codecs.vae import vae_input
 from minwm.errors import MinwmError
 from minwm.io import atomic_path, read_json, write_json
 
@@ -63,7 +64,7 @@ def prepare_clip(clip, temporal_factor: int, spatial_factor: int) -> Prepared:
     if H % spatial_factor or W % spatial_factor:
         raise MinwmError(f"size {H}x{W} is not divisible by the VAE's spatial factor {spatial_factor}")
     keep = 1 + (F - 1) // temporal_factor * temporal_factor
-    video = torch.from_numpy(np.ascontiguousarray(frames[:keep])).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    video = vae_input(frames[:keep])
     return Prepared(video, cams[:keep], F - keep)
 
 

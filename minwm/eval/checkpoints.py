@@ -14,7 +14,8 @@ import torch
 
 from minwm.cameras.camera import Cameras, standing_still
 from minwm.errors import MinwmError
-from minwm.world import uint8_frames
+from minwm.inference.checkpoint import resolve_path
+from minwm.codecs.vae import round_trip, uint8_frames, vae_input
 
 SAMPLERS = ("auto", "fewstep", "multistep", "bidirectional")
 STAGE_SAMPLER = {"bidirectional": "bidirectional", "ar": "multistep", "ode": "fewstep", "cd": "fewstep",
@@ -149,8 +150,7 @@ class CheckpointRunner:
         if multistep_steps is not None and self.sampler != "fewstep":
             overrides["baseline_steps"] = int(multistep_steps)
         self.wm = WorldModel.from_checkpoint(self.path, device=device, **overrides)
-        from minwm.inference.checkpoint import _resolve
-        self.vae_dir = str(_resolve(cfg["codec"].vae, self.path).resolve())   # names the VAE (roundtrip memo)
+        self.vae_dir = str(resolve_path(cfg["codec"].vae, self.path).resolve())   # names the VAE (roundtrip memo)
         self.config = self.wm.config
         self.camera_kind = self.config["model"].camera.kind
         self.has_camera = self.camera_kind != "none"
@@ -185,17 +185,11 @@ class CheckpointRunner:
         T = self.wm.temporal_factor
         n = 1 + T * (self.context_frames - 1)
         with torch.inference_mode():
-            return self.wm.codec.encode(self._video(frames[:n])).to(self.wm.dtype)
-
-    def _video(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [F, H, W, 3] -> the VAE's input [1, 3, F, H, W] in [-1, 1] on the model's device."""
-        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-        return video.to(self.wm.device)
+            return self.wm.codec.encode(vae_input(frames[:n]).to(self.wm.device)).to(self.wm.dtype)
 
     def roundtrip(self, frames: np.ndarray) -> np.ndarray:
         """uint8 frames [F, H, W, 3] through this checkpoint's VAE (encode + decode): a perfect model's output."""
-        with torch.inference_mode():
-            return uint8_frames(self.wm.codec.decode(self.wm.codec.encode(self._video(frames))))[:len(frames)]
+        return round_trip(self.wm.codec, frames)
 
     def generate(self, frames: np.ndarray, latent_cams: Cameras, prompt: str, seed: int,
                  context: torch.Tensor) -> np.ndarray:

@@ -21,7 +21,8 @@ CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
 
 
-def _resolve(path: Optional[str], base: Optional[Path]) -> Optional[Path]:
+def resolve_path(path: Optional[str], base: Optional[Path]) -> Optional[Path]:
+    """A config path: as given when absolute, else relative to the checkpoint folder `base` when it exists there."""
     if not path:
         return None
     p = Path(path)
@@ -37,7 +38,7 @@ def build_codec(cfg: Any, base: Optional[Path], device: Any, dtype: torch.dtype)
         return None
     from minwm.codecs.vae import VideoCodec
 
-    return VideoCodec.from_pretrained(_resolve(codec_cfg.vae, base), dtype=dtype, device=device)
+    return VideoCodec.from_pretrained(resolve_path(codec_cfg.vae, base), dtype=dtype, device=device)
 
 
 def build_text_encoder(cfg: Any, base: Optional[Path], device: Any):
@@ -50,7 +51,7 @@ def build_text_encoder(cfg: Any, base: Optional[Path], device: Any):
 
     tcfg = codec_cfg.text
     if tcfg.pretrained:
-        tcfg = dataclasses.replace(tcfg, pretrained=str(_resolve(tcfg.pretrained, base)))
+        tcfg = dataclasses.replace(tcfg, pretrained=str(resolve_path(tcfg.pretrained, base)))
     enc = TextEncoder.from_config(tcfg)
     enc.model.to(device)
     if enc.glyph_model is not None:
