@@ -137,6 +137,27 @@ def test_procedural_world_clip(world, prog):
     assert direction_accuracy(est.cameras, prog) == 1.0
 
 
+def test_descent_whose_few_corners_fit_a_pitch_better_is_read_as_a_descent():
+    # scripts/check_pose_estimator.py --config configs/toy.yaml --frames 21, seed 10, hold_e: a flat box
+    # and bare ground leave 11-60 corners, and they fit a 14-degree pitch with a rise better than the
+    # true descent, so every bundle-adjustment final lies in that basin. The colours tell, through the
+    # direct-alignment candidate (PoseConfig.align_candidate).
+    pytest.importorskip("minwm.worlds.render")
+    from minwm.worlds.render import render
+    from minwm.worlds.scene import generate_scene
+    from minwm.worlds.trajectories import eval_trajectories, num_latent_frames, program_cameras, square_intrinsics
+
+    K = square_intrinsics(60, 64, 64)
+    prog = eval_trajectories(num_latent_frames(21))["hold_e"]
+    cams = program_cameras(prog, 21, K)
+    scene = generate_scene(np.random.default_rng([10, sum(map(ord, "hold_e"))]), cams.positions.numpy(), hfov_deg=60)
+    frames = render(scene, cams, 64, 64)
+    est = estimate_poses(frames, K)
+    assert direction_accuracy(est.cameras, prog) == 1.0 and camera_metrics(est.cameras, cams)["rot_err_deg"] < 2.0
+    wrong = estimate_poses(frames, K, PoseConfig(align_candidate=False))
+    assert direction_accuracy(wrong.cameras, prog) == 0.0
+
+
 def test_segment_cap_starts_new_keyframes_and_keeps_rotation():
     # 9 frames, segments of at most 4 frames: keyframes at 0, 3, 6; chaining keeps the rotation right.
     angles = [(1.5 * i, 0.0) for i in range(9)]

@@ -6,7 +6,7 @@ import torch
 from minwm.eval.bundle import bundle_adjust, smoothness_prior, so3_exp, so3_log
 from minwm.eval import photometric
 from minwm.eval.pose import PoseConfig, _refine_photometric, pixel_matrix
-from minwm.eval.segment import Segment, _line_starts, solve_segment, track_cost
+from minwm.eval.segment import Segment, _line_starts, solve_segment, track_cost, track_depths
 
 torch.set_num_threads(1)
 KN = np.array([0.866, 0.866, 0.5, 0.5])
@@ -88,15 +88,17 @@ def test_smoothness_prior_keeps_a_frame_seen_by_few_biased_tracks_on_the_path():
 
 
 def test_line_starts_include_rotation_free_translations_only_when_asked():
-    n, N = 5, 7
+    n = 5
     rots = np.stack([so3_exp(np.array([0.02 * r, 0, 0])) for r in range(n)])
-    poses = np.tile(np.eye(4), (n, 1, 1))
-    both = _line_starts(poses, rots, N, PoseConfig())
-    only = _line_starts(poses, rots, N, PoseConfig(translation_starts=False))
+    both = _line_starts(rots, free=True)
+    only = _line_starts(rots, free=False)
     assert len(both) == 12 and len(only) == 6
-    free = [T for T, _ in both if np.allclose(T[:, :3, :3], np.eye(3))]
+    assert all(np.allclose(T[:, :3, :3], rots) for T in only)
+    free = [T for T in both if np.allclose(T[:, :3, :3], np.eye(3))]
     assert len(free) == 6
-    assert all(np.isclose(np.abs(T[-1, :3, 3]).max(), 1.0) for T, _ in both)
+    assert all(np.isclose(np.abs(T[-1, :3, 3]).max(), 1.0) for T in both)
+    ends = {tuple(np.round(T[-1, :3, 3]).astype(int)) for T in free}
+    assert ends == {(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)}
 
 
 def test_vertical_move_is_not_read_as_a_pitch():
@@ -160,3 +162,50 @@ def test_direct_refinement_that_no_longer_fits_the_tracks_is_rejected(monkeypatc
         assert np.allclose(seg.poses, offered if kept else poses)
     # photo_track_ratio = 0 keeps whatever the direct alignment returns.
     assert _refine_photometric(frames, K, seg, PoseConfig(photo_track_ratio=0.0), P, alive)
+
+
+class _Colours:
+    """Stand-in for photometric.Consistency: scores a path by its rotation distance from `best`
+    (the path the colours prefer) and aligns any start to `aligned`."""
+
+    def __init__(self, best, aligned):
+        self.best, self.aligned, self.rho_max, self.starts = best, aligned, 64 / 55.4, []
+
+    def __call__(self, poses):
+        R = np.einsum("nij,nkj->nik", poses[:, :3, :3], self.best[:, :3, :3])
+        return float(np.linalg.norm(so3_log(R), axis=1).sum() + np.abs(poses[:, :3, 3] - self.best[:, :3, 3]).sum())
+
+    def align(self, start):
+        self.starts.append(start)
+        return self.aligned
+
+
+def test_aligned_candidate_replaces_the_track_basin_only_when_the_colours_prefer_it():
+    # Exact tracks of a strafe put every bundle-adjustment final on the true path. If the colours
+    # prefer another path (as they do when a few biased corners mislead the tracks, see
+    # scripts/check_pose_estimator.py), direct alignment's answer replaces it, with depths and
+    # residuals under it; if they prefer the tracks' answer, it stays; off, alignment never runs.
+    X, poses, P, K = _strafe_scene()
+    alive = np.ones(P.shape[:2], bool)
+    other = _turned(poses, 1.5)
+    for prefer, expect in ((other, other), (poses, poses)):
+        colours = _Colours(best=prefer, aligned=other)
+        seg = solve_segment(P, alive, K, PoseConfig(), np.random.default_rng(0), consistency=colours)
+        assert np.allclose(seg.poses, expect, atol=1e-4)
+        assert len(colours.starts) == 1 and np.allclose(colours.starts[0][:, :3, :3], np.eye(3))
+        assert np.isfinite(seg.points).any() and np.isfinite(seg.resid[1:]).all()
+    # Under the turned path the exact tracks no longer fit: the residuals say so.
+    colours = _Colours(best=other, aligned=other)
+    seg = solve_segment(P, alive, K, PoseConfig(), np.random.default_rng(0), consistency=colours)
+    assert seg.resid[-1] > 0.1
+    colours = _Colours(best=other, aligned=other)
+    seg = solve_segment(P, alive, K, PoseConfig(align_candidate=False), np.random.default_rng(0), consistency=colours)
+    assert not colours.starts and np.allclose(seg.poses, poses, atol=1e-4)
+
+
+def test_track_depths_find_each_tracks_depth_under_the_true_path():
+    X, poses, P, K = _strafe_scene()
+    alive = np.ones(P.shape[:2], bool)
+    rho, cost = track_depths(P, alive, K, poses, 1.0, sweep=1001)
+    # Inverse depths in the scale of the path (max |t| = 1 is the whole strafe of length 1 here).
+    assert np.abs(rho - 1 / X[:, 2]).max() <= 0.5e-3 + 1e-9 and cost.max() < 5e-3   # half a grid step

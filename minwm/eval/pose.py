@@ -101,7 +101,8 @@ class PoseConfig:
     ba_keep: int = 3                # distinct bundle-adjustment solutions solved fully
     photo_select: bool = True       # pick among them by photometric consistency (minwm.eval.photometric)
     smooth_px: float = 0.3          # motion-smoothness prior of the bundle adjustment, pixels (0 = none)
-    translation_starts: bool = True  # also start the adjustment from pure translations along each axis
+    translation_starts: bool = False  # also start the adjustment from pure translations along each axis
+    align_candidate: bool = True    # also a direct-alignment solution from the most consistent straight line
     select_pixels: int = 1200       # keyframe pixels of the photometric selection (photo_select)
     select_sweep: int = 64          # inverse-depth samples of the photometric selection
     photo_track_ratio: float = 1.4  # keep the direct refinement only if the tracks' cost grows less than this

@@ -142,7 +142,7 @@ def solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseConf
     # Bundle adjustment over the whole segment (two rounds; the second without gross outliers).
     z = points[:, 2]
     rho = np.where(np.isfinite(z) & (z > 0), 1.0 / np.where(np.isfinite(z) & (z > 0), z, 1.0), 0.0)
-    starts = [(poses, rho)] + _line_starts(poses, np.stack(rots), N, cfg)
+    starts = [(poses, rho)] + [(T, np.full(N, 0.3)) for T in _line_starts(np.stack(rots), cfg.translation_starts)]
     use = alive.copy()
     ba = dict(huber_px=cfg.ransac_px, sqrt_info=sqrt_info, loss=cfg.ba_loss, smooth_px=cfg.smooth_px)
     # A few iterations from every start separate the basins; only the lowest-cost few are solved
@@ -159,12 +159,23 @@ def solve_segment(P: np.ndarray, alive: np.ndarray, K: np.ndarray, cfg: PoseConf
         u = use & ~(cand[2] > cfg.outlier_px)
         finals.append((bundle_adjust(P, u, K, cand[0], cand[1], iters=cfg.ba_iters, **ba), u, cand[3]))
     best = min(range(len(finals)), key=lambda k: finals[k][2])
-    if consistency is not None and len(finals) > 1:
+    if consistency is not None and (len(finals) > 1 or cfg.align_candidate):
         # The reprojection costs of different basins are close where the geometry is weak (yaw vs
         # strafe, pitch vs vertical move); the colours of all textured pixels decide between them.
         scores = [consistency(f[0][0]) for f in finals]
         best = int(np.argmin(scores))
     (poses, rho, err, _), use, _ = finals[best]
+    if consistency is not None and cfg.align_candidate:
+        # The tracks can also prefer a wrong basin outright: a few corners, most on one plane or on
+        # silhouettes, fit a descent read as a pitch with a roll better than the true descent, and
+        # every final lies in that basin. Direct alignment from the straight line (with or without the
+        # rotation-only fits' rotations) whose colours agree best is one more candidate, one the tracks
+        # did not propose; the colours decide again.
+        aligned = consistency.align(min(_line_starts(np.stack(rots), free=True), key=consistency))
+        if consistency(aligned) < scores[best]:
+            rho, _ = track_depths(P, alive, K, aligned, consistency.rho_max, cfg.ransac_px)
+            poses, rho, err, _ = bundle_adjust(P, use, K, aligned, rho, iters=0, **ba)
+            use = alive.copy()
     use = use & ~(err > cfg.outlier_px)
     for r in range(1, n):
         e = err[r][use[r]]
@@ -233,34 +244,39 @@ def _pnp(points, x, alive, K, init, cfg) -> tuple[np.ndarray, float]:
 
 
 
-def _line_starts(poses: np.ndarray, rots: np.ndarray, N: int, cfg: PoseConfig) -> list:
-    """Straight-line starts of the bundle adjustment: constant-speed translation along each camera
-    axis, both signs, with the rotations of the rotation-only fits and (cfg.translation_starts)
-    without rotation. LM is local and the geometry of small, narrow-field videos has shallow
-    valleys (yaw vs strafe, pitch vs vertical move, bas-relief); the rotation-only fits put all of
-    a vertical move's flow into pitch, so only the rotation-free start sits on the right side of
-    that valley. Inverse depths start at one common value."""
-    n = len(poses)
+def _line_starts(rots: np.ndarray, free: bool) -> list[np.ndarray]:
+    """Straight-line camera paths [n, 4, 4]: constant-speed translation along each camera axis, both
+    signs, with the rotations rots [n, 3, 3] of the rotation-only fits and (free) without rotation.
+    LM is local and the geometry of small, narrow-field videos has shallow valleys (yaw vs strafe,
+    pitch vs vertical move, bas-relief); the rotation-only fits put all of a vertical move's flow
+    into pitch, so only the rotation-free line sits on the right side of that valley."""
     out = []
-    for axis in range(3):
-        for sign in (1.0, -1.0):
-            T0 = poses.copy()
-            T0[:, :3, :3] = rots
-            T0[:, :3, 3] = 0.0
-            T0[:, axis, 3] = sign * np.arange(n) / (n - 1)
-            out.append((T0, np.full(N, 0.3)))
-            if cfg.translation_starts:
-                T1 = T0.copy()
-                T1[:, :3, :3] = np.eye(3)
-                out.append((T1, np.full(N, 0.3)))
+    for T1 in _translation_lines(len(rots)):
+        T0 = T1.copy()
+        T0[:, :3, :3] = rots
+        out.append(T0)
+        if free:
+            out.append(T1)
     return out
 
 
-def track_cost(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.ndarray, rho_max: float,
-               c: float = 1.0, sweep: int = 64) -> float:
-    """Mean robust (Cauchy, scale c pixels) reprojection cost per observation of tracks P [n, N, 2]
-    (alive [n, N]) under fixed camera poses [n, 4, 4], each track at its best inverse depth on a grid
-    in [0, rho_max]: how well a camera path explains the tracks, whatever produced it."""
+def _translation_lines(n: int) -> list[np.ndarray]:
+    """Camera paths [n, 4, 4] without rotation, translating at constant speed along each camera axis,
+    both signs (+x, -x, +y, -y, +z, -z), scaled to max |t| = 1."""
+    out = []
+    for axis in range(3):
+        for sign in (1.0, -1.0):
+            T = np.tile(np.eye(4), (n, 1, 1))
+            T[:, axis, 3] = sign * np.arange(n) / (n - 1)
+            out.append(T)
+    return out
+
+
+def track_depths(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.ndarray, rho_max: float,
+                 c: float = 1.0, sweep: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Best inverse depth [N] of every track P [n, N, 2] (alive [n, N]) under fixed camera poses
+    [n, 4, 4], on a grid in [0, rho_max], and its robust (Cauchy, scale c pixels) reprojection cost
+    [N] summed over the track's frames."""
     n, N, _ = P.shape
     rays = pixel_rays(P[0], K)
     grid = np.linspace(0.0, rho_max, sweep)
@@ -275,5 +291,15 @@ def track_cost(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.ndarra
         e2 = ((x - P[r][m][:, None, :]) ** 2).sum(-1)
         e2 = np.where(X[..., 2] > 1e-9, e2, 1e6)
         cost[m] += 0.5 * c * c * np.log1p(e2 / (c * c))
+    best = cost.argmin(1)
+    return grid[best], cost[np.arange(N), best]
+
+
+def track_cost(P: np.ndarray, alive: np.ndarray, K: np.ndarray, poses: np.ndarray, rho_max: float,
+               c: float = 1.0, sweep: int = 64) -> float:
+    """Mean robust (Cauchy, scale c pixels) reprojection cost per observation of tracks P [n, N, 2]
+    (alive [n, N]) under fixed camera poses [n, 4, 4], each track at its best inverse depth on a grid
+    in [0, rho_max]: how well a camera path explains the tracks, whatever produced it."""
+    _, cost = track_depths(P, alive, K, poses, rho_max, c, sweep)
     obs = max(int(alive[1:].sum()), 1)
-    return float(cost.min(1).sum() / obs)
+    return float(cost.sum() / obs)
