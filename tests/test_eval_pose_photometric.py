@@ -2,6 +2,7 @@ import math
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from minwm.cameras.actions import _rot_x, _rot_y
@@ -163,3 +164,44 @@ def test_cauchy_loss_shrugs_off_gross_outliers_that_bend_huber():
     d = (np.array([_robust_cost(np.array([v + 1e-6]), 1.0, "cauchy") for v in e])
          - np.array([_robust_cost(np.array([v - 1e-6]), 1.0, "cauchy") for v in e])) / 2e-6
     assert np.allclose(_robust_weight(e, 1.0, "cauchy"), d / e, rtol=1e-5)
+
+
+def test_one_pass_sweep_matches_a_frame_by_frame_depth_by_depth_reference():
+    # The sweep runs every frame and depth at once in float32; the reference projects each (frame, depth)
+    # separately in float64 and looks colours up frame by frame.
+    from minwm.eval.photometric import _Frames, _sweep
+
+    rng = np.random.default_rng(3)
+    frames = np.stack([cv2.GaussianBlur(f, (0, 0), 1.2) for f in rng.integers(0, 255, (6, 24, 32, 3)).astype(np.uint8)])
+    K = pixel_matrix(np.array([0.8, 1.0, 0.5, 0.5]), 24, 32)
+    poses = np.tile(np.eye(4), (6, 1, 1))
+    for f in range(1, 6):
+        poses[f, :3, :3] = _rot_y(0.02 * f).numpy() @ _rot_x(-0.01 * f).numpy()
+        poses[f, :3, 3] = [0.1 * f, -0.05 * f, 0.2 * f]
+    cfg = PhotoConfig(max_pixels=80, sweep=9, min_grad=1.0)
+    fr = _Frames(frames, 1.0, cfg.upsample)
+    xy = select_pixels(frames[0], cfg)
+    ref = fr.colour(0, xy)
+    cost, grid = _sweep(fr, xy, ref, poses, K, 2.0, cfg)
+    rays = np.linalg.solve(K, np.c_[xy, np.ones(len(xy))].T).T
+    want = np.zeros((len(xy), len(grid)))
+    for f in range(1, 6):
+        for d, rho in enumerate(grid):
+            X = rays @ poses[f, :3, :3].T + rho * poses[f, :3, 3]
+            x = np.stack([K[0, 0] * X[:, 0] / X[:, 2] + K[0, 2], K[1, 1] * X[:, 1] / X[:, 2] + K[1, 2]], -1)
+            ok = (X[:, 2] > 1e-9) & fr.inside(x)
+            e = np.linalg.norm(fr.colour(f, np.where(ok[:, None], x, 0.0)) - ref, axis=1)
+            want[:, d] += np.where(ok, np.minimum(e, cfg.huber), cfg.huber)
+    assert cost.shape == want.shape and 0 < (want < len(poses[1:]) * cfg.huber).mean() < 1   # in view and out
+    np.testing.assert_allclose(cost, want, atol=2e-3)
+
+
+def test_solver_wants_observations_sorted_by_frame():
+    rays = np.array([[0.0, 0.0, 1.0], [0.1, 0.0, 1.0]])
+    poses = np.tile(np.eye(4), (3, 1, 1))
+
+    def residual(x, ok):
+        return x, np.broadcast_to(np.eye(2), (len(x), 2, 2))
+
+    with pytest.raises(ValueError, match="sorted by frame"):
+        depth_pose_lm(rays, np.array([2, 1]), np.array([0, 1]), np.eye(3), poses, np.zeros(2), residual, 1.0)

@@ -172,3 +172,18 @@ def test_forced_bf16_autocast_runs_loss_under_autocast(tmp_path):
     tr.fit(lambda t, mbs, i: t.accumulate("model", mbs, loss_fn))
     assert seen == [(True, torch.bfloat16)] * 2
     assert net.weight.dtype == torch.float32  # master weights stay float32
+
+
+def test_lr_factor_warmup_then_cosine():
+    from minwm.train.trainer import lr_factor
+
+    assert [lr_factor(s, 100, 4) for s in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 100, 4, "cosine", 0.05) == 0.75                          # warm-up first
+    assert lr_factor(4, 100, 4, "cosine", 0.05) == pytest.approx(1.0)            # the cosine starts at 1
+    assert lr_factor(52, 100, 4, "cosine", 0.05) == pytest.approx(0.525)         # half way: the mean
+    assert lr_factor(100, 100, 4, "cosine", 0.05) == pytest.approx(0.05)
+    assert lr_factor(500, 100, 4, "cosine", 0.0) == pytest.approx(0.0)           # past the end: the floor
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="linear")
+    with pytest.raises(ValueError, match="lr_min_ratio"):
+        TrainConfig(lr_min_ratio=1.5)

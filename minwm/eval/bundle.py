@@ -78,20 +78,26 @@ def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarra
     m = n - 1
     gross = 1e3 * huber
 
+    if len(fr) > 1 and np.any(np.diff(fr) < 0):
+        raise ValueError("depth_pose_lm: observations must be sorted by frame")
+    q = fr - 1
+    bounds = np.searchsorted(q, np.arange(m + 1))          # observations of frame k + 1: bounds[k]:bounds[k + 1]
+
     def evaluate(R, t, rho):
         prior = 0.0 if smooth_px <= 0 else smoothness_prior(R, t, rho, K, smooth_px, grad=False)[0]
-        X = np.einsum("mij,mj->mi", R[fr], b[pt]) + rho[pt, None] * t[fr]
+        Rb = (b @ R.transpose(0, 2, 1))[fr, pt]                         # R_r b_k: every frame's rays, then gathered
+        X = Rb + rho[pt, None] * t[fr]
         ok = X[:, 2] > 1e-9
         Z = np.where(ok, X[:, 2], 1.0)
         x = np.stack([fx * X[:, 0] / Z + cx, fy * X[:, 1] / Z + cy], -1)
         r, G = residual(x, ok)
-        e = np.linalg.norm(r, axis=1)
+        e = np.sqrt(np.einsum("mi,mi->m", r, r))
         ok &= np.isfinite(e)
         e = np.where(ok, e, gross)                                      # behind the camera: a gross error
         cost = _robust_cost(e, huber, loss) + prior
-        return X, np.where(ok[:, None], r, 0.0), G, e, cost
+        return (X, Rb), np.where(ok[:, None], r, 0.0), G, e, cost
 
-    X, r, G, e, cost = evaluate(R, t, rho)
+    (X, Rb), r, G, e, cost = evaluate(R, t, rho)
     mu, done = 1e-3, False
     for _ in range(iters if len(fr) else 0):
         w = _robust_weight(e, huber, loss) * (e < gross)
@@ -100,18 +106,20 @@ def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarra
         Jp[:, 0, 0], Jp[:, 0, 2] = fx / Z, -fx * X[:, 0] / Z ** 2
         Jp[:, 1, 1], Jp[:, 1, 2] = fy / Z, -fy * X[:, 1] / Z ** 2
         Jp = G @ Jp
-        Jc = np.concatenate([-Jp @ _skew(np.einsum("mij,mj->mi", R[fr], b[pt])), Jp * rho[pt, None, None]], -1)
+        # d(R b)/d(left rotation increment) = -[R b]x, so the rotation block is -Jp [R b]x: row by row a cross
+        # product (-a^T [v]x = (v x a)^T).
+        Jc = np.concatenate([np.cross(Rb[:, None, :], Jp), Jp * rho[pt, None, None]], -1)
         Jr = np.einsum("mij,mj->mi", Jp, t[fr])
         Jc, Jr = np.where(np.isfinite(Jc), Jc, 0.0), np.where(np.isfinite(Jr), Jr, 0.0)
-        q = fr - 1
-        JJ = w[:, None] * np.einsum("mki,mkj->mij", Jc, Jc).reshape(-1, 36)
-        Jg = w[:, None] * np.einsum("mki,mk->mi", Jc, r)
-        U = np.bincount((q[:, None] * 36 + np.arange(36)).ravel(), JJ.ravel(), 36 * m).reshape(m, 6, 6)
-        gU = np.bincount((q[:, None] * 6 + np.arange(6)).ravel(), Jg.ravel(), 6 * m).reshape(m, 6)
+        Jw = w[:, None, None] * Jc
+        # Per-frame normal blocks as one matrix product per frame (observations are sorted by frame).
+        U = np.stack([Jw[a:z].reshape(-1, 6).T @ Jc[a:z].reshape(-1, 6) for a, z in zip(bounds[:-1], bounds[1:])])
+        Jg = np.einsum("mki,mk->mi", Jw, r)
+        gU = np.stack([Jg[a:z].sum(0) for a, z in zip(bounds[:-1], bounds[1:])])
         V = np.bincount(pt, w * (Jr * Jr).sum(1), N)
         gV = np.bincount(pt, w * (Jr * r).sum(1), N)
         Wm = np.zeros((m, N, 6))
-        Wm[q, pt] = w[:, None] * np.einsum("mki,mk->mi", Jc, Jr)
+        Wm[q, pt] = np.einsum("mki,mk->mi", Jw, Jr)
         Wf = Wm.transpose(0, 2, 1).reshape(6 * m, N)
         if smooth_px > 0:
             _, Hp, gp = smoothness_prior(R, t, rho, K, smooth_px)
@@ -138,10 +146,10 @@ def depth_pose_lm(rays: np.ndarray, fr: np.ndarray, pt: np.ndarray, K: np.ndarra
             scale = np.linalg.norm(t2, axis=1).max()
             if scale > 1e-12:
                 t2, rho2 = t2 / scale, rho2 * scale
-            X2, r2, G2, e2, cost2 = evaluate(R2, t2, rho2)
+            (X2, Rb2), r2, G2, e2, cost2 = evaluate(R2, t2, rho2)
             if cost2 < cost:
                 done = cost - cost2 < 1e-5 * cost      # tighter only spends iterations: no pose moves visibly
-                R, t, rho, X, r, G, e, cost = R2, t2, rho2, X2, r2, G2, e2, cost2
+                R, t, rho, X, Rb, r, G, e, cost = R2, t2, rho2, X2, Rb2, r2, G2, e2, cost2
                 mu = max(mu / 3, 1e-9)
                 improved = True
                 break

@@ -48,7 +48,7 @@ def upsample(img: np.ndarray, s: int) -> np.ndarray:
     # Rows then columns as two matrix products over all channels at once (an einsum over the three
     # operands went through a slow batched path: 5x the time of the whole direct alignment).
     rows = (A @ img.reshape(H, W * C).astype(np.float32)).reshape(H * s, W, C)
-    out = np.stack([rows[..., c] @ B.T for c in range(C)], -1)
+    out = (rows.transpose(0, 2, 1).reshape(H * s * C, W) @ B.T).reshape(H * s, C, W * s).transpose(0, 2, 1)
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
@@ -122,12 +122,20 @@ class _Frames:
         self.H, self.W = frames.shape[1:3]
         self.up = [upsample(cv2.GaussianBlur(f.astype(np.float32), (0, 0), sigma) if sigma > 0
                             else f.astype(np.float32), s) for f in frames]
+        self._stack = None
 
     def inside(self, x: np.ndarray) -> np.ndarray:
         return (x[:, 0] >= 0) & (x[:, 0] <= self.W - 1) & (x[:, 1] >= 0) & (x[:, 1] <= self.H - 1)
 
     def colour(self, f: int, x: np.ndarray) -> np.ndarray:
         return sample(self.up[f], x, self.s)
+
+    def stacked(self, n: int) -> np.ndarray:
+        """Upsampled frames 1..n one above the other [n*H*s, W*s, C] (one lookup for all of them; a point
+        inside a frame never reaches the next one: the bilinear taps of its last row are still its own)."""
+        if self._stack is None or self._stack[0] != n:
+            self._stack = (n, np.concatenate(self.up[1:n + 1], 0))
+        return self._stack[1]
 
     def colour_grad(self, f: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h = 0.5
@@ -140,21 +148,34 @@ class _Frames:
 def _sweep(fr: _Frames, xy: np.ndarray, ref: np.ndarray, poses: np.ndarray, K: np.ndarray, rho_max: float,
            cfg: PhotoConfig) -> tuple[np.ndarray, np.ndarray]:
     """Robust colour cost [N, D] of every keyframe pixel at every inverse depth of the grid [D] in
-    [0, rho_max], summed over frames 1.. of the segment."""
+    [0, rho_max], summed over frames 1.. of the segment. All frames and depths at once, in float32
+    (a thousandth of a pixel is far below what a colour cost can tell): each frame's rotated rays,
+    then the grid along its translation, projected straight into the sampling coordinates of the
+    frames stacked one above the other (`_Frames.stacked`), one colour lookup for everything."""
     rays = np.linalg.solve(K, np.c_[xy, np.ones(len(xy))].T).T
     grid = np.linspace(0.0, rho_max, cfg.sweep)
-    N, D = len(xy), len(grid)
-    rr = np.repeat(rays, D, 0)
-    gg = np.tile(grid, N)
-    rep = np.repeat(ref, D, 0)
-    cost = np.zeros(N * D)
-    for f in range(1, len(poses)):
-        x, ok = _project(poses[f, :3, :3], poses[f, :3, 3], rr, gg, K)
-        ok &= fr.inside(x)
-        c = fr.colour(f, np.where(ok[:, None], x, 0.0))
-        e = np.linalg.norm(c - rep, axis=1)
-        cost += np.where(ok, np.minimum(e, cfg.huber), cfg.huber)
-    return cost.reshape(N, D), grid
+    n, N, D, s = len(poses) - 1, len(xy), len(grid), fr.s
+    if n < 1 or N == 0:
+        return np.zeros((N, D)), grid
+    A = (rays @ poses[1:, :3, :3].transpose(0, 2, 1)).astype(np.float32)       # [n, N, 3]
+    t, g = poses[1:, :3, 3].astype(np.float32), grid.astype(np.float32)
+    X, Y, Z = (A[:, :, i, None] + g * t[:, i, None, None] for i in range(3))    # each [n, N, D]
+    ok = Z > 1e-9
+    iz = np.float32(1) / np.where(ok, Z, np.float32(1))
+    # Original pixel u sits at (u + 0.5) s - 0.5 of the upsampled grid; frame f + 1's rows start at f H s.
+    u = X * iz * np.float32(K[0, 0] * s) + np.float32((K[0, 2] + 0.5) * s - 0.5)
+    v = Y * iz * np.float32(K[1, 1] * s) + ((K[1, 2] + 0.5 + fr.H * np.arange(n, dtype=np.float32)) * s - 0.5
+                                            ).astype(np.float32)[:, None, None]
+    lo, hi = 0.5 * s - 0.5, (np.array([fr.W, fr.H]) - 0.5) * s - 0.5          # the image's pixel centres
+    vf = v - (fr.H * s * np.arange(n, dtype=np.float32))[:, None, None]
+    ok &= (u >= lo) & (u <= hi[0]) & (vf >= lo) & (vf <= hi[1])
+    c = cv2.remap(fr.stacked(n), np.where(ok, u, lo).reshape(n * N, D), np.where(ok, v, lo).reshape(n * N, D),
+                  cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).reshape(n, N, D, -1)
+    d = c - ref[:, None, :].astype(np.float32)
+    e = np.sqrt(np.einsum("...c,...c->...", d, d))       # a sum over 3 channels: einsum, not a slow reduce
+    e[~ok] = cfg.huber
+    cost = np.minimum(e, cfg.huber).sum(0, dtype=np.float64)
+    return cost, grid
 
 
 def sweep_depths(fr: _Frames, xy: np.ndarray, ref: np.ndarray, poses: np.ndarray, K: np.ndarray,
@@ -183,11 +204,15 @@ class Consistency:
         self.K, self.frames, self.fr = K, frames, None
         self.rho_max = max(frames.shape[1:3]) / min(K[0, 0], K[1, 1])
 
-    def __call__(self, poses: np.ndarray, rho_max: float | None = None) -> float:
+    def _prepare(self) -> _Frames:
         if self.fr is None:                 # prepared on first use: most segments never need it
             self.xy = select_pixels(self.frames[0], self.cfg)
             self.fr = _Frames(self.frames, self.cfg.blur[0], self.cfg.upsample)
             self.ref = self.fr.colour(0, self.xy)
+        return self.fr
+
+    def __call__(self, poses: np.ndarray, rho_max: float | None = None) -> float:
+        self._prepare()
         if len(self.xy) == 0:
             return 0.0
         cost, _ = _sweep(self.fr, self.xy, self.ref, poses, self.K, rho_max or self.rho_max, self.cfg)
@@ -197,15 +222,19 @@ class Consistency:
         """Poses [n, 4, 4] refined by direct alignment from `poses` on this score's own pixels and blur,
         with a Cauchy loss: the truncated cost the score sums ignores occluded pixels outright, and a
         Huber alignment, still pulled by them, ended measurably less consistent than where it began."""
-        return refine_segment(self.frames, self.K, poses, self.rho_max, replace(self.cfg, loss="cauchy"))[0]
+        return refine_segment(self.frames, self.K, poses, self.rho_max, replace(self.cfg, loss="cauchy"),
+                              prepared={self.cfg.blur[0]: self._prepare()})[0]
 
 
 def refine_segment(frames: np.ndarray, K: np.ndarray, poses: np.ndarray, rho_max: float,
-                   cfg: PhotoConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   cfg: PhotoConfig | None = None, prepared: dict[float, _Frames] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Poses [n, 4, 4] (keyframe camera -> frame camera, max |t| = 1) of frames [n, H, W, 3] (row 0 the
     keyframe) refined by direct alignment from the feature-based `poses`; rho_max bounds the
     inverse depths of the sweep (the nearest feature point's, with margin); solved by
     minwm.eval.bundle.depth_pose_lm.
+
+    prepared: frames already upsampled at some blur levels ({sigma: _Frames}), reused instead of made again.
 
     Returns poses, the keyframe pixels used [N, 2] and their inverse depths [N]."""
     cfg = cfg or PhotoConfig()
@@ -218,7 +247,7 @@ def refine_segment(frames: np.ndarray, K: np.ndarray, poses: np.ndarray, rho_max
     pt_idx = np.tile(np.arange(len(xy)), n - 1)
     rho = None
     for sigma in cfg.blur:
-        F = _Frames(frames, sigma, cfg.upsample)
+        F = (prepared or {}).get(sigma) or _Frames(frames, sigma, cfg.upsample)
         ref = F.colour(0, xy)
         if rho is None:
             rho = sweep_depths(F, xy, ref, poses, K, rho_max, cfg)

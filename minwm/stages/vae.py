@@ -27,7 +27,6 @@ trainer's checkpoints/ for exact resume.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -41,13 +40,13 @@ from minwm.codecs.quality import psnr
 from minwm.codecs.vae import VideoCodec, use_fast_rms_norms
 from minwm.errors import MinwmError
 
-MIN_LR_FRACTION = 0.05
-
 INPUTS: dict[str, str] = {}
 
-# The VAE's optimiser settings (they differ from the DiT stages'; `stages.vae.train` overrides them).
+# The VAE's optimiser settings (they differ from the DiT stages'; `stages.vae.train` overrides them): a cosine
+# from lr to 5% of it after the warm-up.
 TRAIN_DEFAULTS = {"lr": 3.0e-3, "betas": [0.9, 0.99], "weight_decay": 0.0, "grad_clip": 1.0, "batch_size": 8,
-                  "max_steps": 600, "lr_warmup_steps": 20, "ckpt_every": 100, "keep_checkpoints": 2,
+                  "max_steps": 600, "lr_warmup_steps": 20, "lr_decay": "cosine", "lr_min_ratio": 0.05,
+                  "ckpt_every": 100, "keep_checkpoints": 2,
                   "mixed_precision": "no", "tensorboard": False, "plot": False}
 
 
@@ -153,15 +152,6 @@ def vae_loss(vae, x: torch.Tensor, l2_weight: float, kl_weight: float) -> dict[s
     l2 = (y - x).pow(2).mean()
     kl = post.kl().sum() / x.numel()
     return {"loss": l1 + l2_weight * l2 + kl_weight * kl, "l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
-
-
-def cosine_factor(step: int, max_steps: int, warmup: int) -> float:
-    """Multiplier of the base lr after the trainer's linear warm-up: 1 during warm-up, then a cosine
-    from 1 down to MIN_LR_FRACTION at max_steps."""
-    if step < warmup or max_steps <= warmup:
-        return 1.0
-    p = (step - warmup) / max(1, max_steps - warmup)
-    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
 def heldout_videos(frames: list[torch.Tensor], temporal_factor: int, batch: int = 8) -> list[torch.Tensor]:
@@ -270,10 +260,6 @@ def run(cfg, out_dir: str | Path, *, init: dict | None = None, resume: bool = Fa
     eval_time: list[float | None] = [None]
 
     def step_fn(tr, mbs, step):
-        f = cosine_factor(step, steps, ctx.train.lr_warmup_steps)
-        for g in tr.optimizers["vae"].param_groups:
-            g["lr"] *= f
-
         n, crop = (full, crops["long_crop_size"]) if step >= long_from else (length, crops["crop_size"])
 
         def loss_fn(mb):

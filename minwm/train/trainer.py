@@ -67,6 +67,10 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 2000
     lr_warmup_steps: int = 0
+    # After the linear warm-up: "constant", or "cosine" from lr down to lr * lr_min_ratio at max_steps (a
+    # short from-scratch run such as the toy's Phase 1 ends lower annealed than at a constant lr).
+    lr_decay: str = "constant"
+    lr_min_ratio: float = 0.0
     ckpt_every: int = 250
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -93,6 +97,9 @@ class TrainConfig:
             (self.batch_size % self.grad_accum == 0,
              f"batch_size: {self.batch_size} is not divisible by grad_accum {self.grad_accum}"),
             (self.max_steps >= 0, f"max_steps: expected >= 0, got {self.max_steps}"),
+            (self.lr_decay in ("constant", "cosine"),
+             f"lr_decay: expected constant or cosine, got {self.lr_decay!r}"),
+            (0 <= self.lr_min_ratio <= 1, f"lr_min_ratio: expected [0, 1], got {self.lr_min_ratio}"),
             (self.ckpt_every >= 1, f"ckpt_every: expected >= 1, got {self.ckpt_every}"),
             (self.log_every >= 1, f"log_every: expected >= 1, got {self.log_every}"),
             (self.ema_decay is None or 0 <= self.ema_decay < 1, f"ema_decay: expected [0, 1), got {self.ema_decay}"),
@@ -103,6 +110,18 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+
+def lr_factor(step: int, max_steps: int, warmup: int, decay: str = "constant", min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at optimiser step `step` (0-based): linear warm-up over `warmup` steps, then
+    1 ("constant") or a cosine from 1 at the end of warm-up to `min_ratio` at `max_steps` ("cosine").
+    A pure function of the step, so a resumed run continues the same schedule."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or max_steps <= warmup:
+        return 1.0
+    p = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 
 class NonFiniteError(MinwmError):
@@ -323,8 +342,8 @@ class Trainer:
         return MicroBatch(to_device(data, self.device), indices, positions, step, self.cfg.seed)
 
     def _apply_lr(self, step: int) -> None:
-        w = self.cfg.lr_warmup_steps
-        factor = min(1.0, (step + 1) / w) if w > 0 else 1.0
+        c = self.cfg
+        factor = lr_factor(step, c.max_steps, c.lr_warmup_steps, c.lr_decay, c.lr_min_ratio)
         for name, opt in self.optimizers.items():
             for g, base in zip(opt.param_groups, self._base_lr[name]):
                 g["lr"] = base * factor
