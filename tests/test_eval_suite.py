@@ -87,6 +87,14 @@ def test_eval_cli_writes_report_and_metrics_for_every_stage(ckpts, tmp_path, cap
         assert f"({png})" in report
 
 
+def test_vae_floor_row_follows_the_flag(ckpts, tmp_path):
+    # toy-smoke has the perfect-model row (the test above); --no-vae-floor leaves it and its pose estimates out
+    assert main(["eval", "--ckpt", str(ckpts["dmd"]), "--suite", "toy-smoke", "--out", str(tmp_path / "r"), "--quiet",
+                 "--no-vae-floor"]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert not m["reference"].get("vae_roundtrip") and "(a perfect model)" not in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_scoring_against_an_oracle(ckpts, monkeypatch):
     """A 'model' that returns the render and a baseline that freezes frame 0: the model must score exactly the
     estimator floor with full direction accuracy, the frozen baseline no direction at all."""

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--pose-workers", type=int, default=None,
                    help="background processes estimating cameras while the next videos are generated (0: inline; "
                         "default: 2 on a machine with 2 or more cores)")
+    p.add_argument("--vae-floor", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score every render passed through the checkpoint's VAE (what a perfect model decoded "
+                        "by it would score; one more pose estimate per case; default: the suite's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
@@ -76,9 +79,11 @@ def parse_ckpts(values: list[str]) -> dict[str, str] | list[str]:
 
 def cmd_eval(args) -> int:
     from minwm.eval.runner import evaluate
-    from minwm.eval.suite import get_suite
+    from minwm.eval.suite import get_suite, with_overrides
 
-    get_suite(args.suite)  # an unknown suite fails before any checkpoint is loaded
+    suite = get_suite(args.suite)  # an unknown suite fails before any checkpoint is loaded
+    if args.vae_floor is not None:
+        suite = with_overrides(suite, vae_floor=args.vae_floor)
     ckpts = parse_ckpts(args.ckpt)
     first = Path(next(iter(ckpts.values())) if isinstance(ckpts, dict) else ckpts[0])
     out = Path(args.out) if args.out else first.parent / "eval" / args.suite
@@ -87,7 +92,7 @@ def cmd_eval(args) -> int:
             raise MinwmError(f"{flag}: expected >= 1, got {v}")
     if args.pose_workers is not None and args.pose_workers < 0:
         raise MinwmError(f"--pose-workers: expected >= 0, got {args.pose_workers}")
-    result = evaluate(ckpts, args.suite, out, sampler=args.sampler, device=args.device, threads=args.threads,
+    result = evaluate(ckpts, suite, out, sampler=args.sampler, device=args.device, threads=args.threads,
                       seed=args.seed, latent_frames=args.latent_frames, multistep_steps=args.multistep_steps,
                       pose_workers=args.pose_workers, progress=not args.quiet)
     for name, c in result["checkpoints"].items():

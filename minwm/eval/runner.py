@@ -348,7 +348,7 @@ def evaluate(ckpts: dict | Sequence, suite: str | Suite = "toy-heldout", out_dir
         main_refs = [r for r in refs if r["group"] != "long"]
         rts = []       # the first checkpoint's VAE (a quickstart's stages share one)
         for g in gts.values():
-            if vae_dirs and vae_dirs[0] in g.roundtrip and g.case.group != "long":
+            if suite_obj.vae_floor and vae_dirs and vae_dirs[0] in g.roundtrip and g.case.group != "long":
                 images, pose = g.roundtrip[vae_dirs[0]]
                 rts.append({"name": g.case.name, "trajectory": g.case.trajectory, "group": g.case.group, **images,
                             **{k: v for k, v in pose.result().items() if k != "per_frame"}})
