@@ -33,7 +33,7 @@ def quick_suite():
     is judged on). About a third of toy-heldout's cost, which does not fit the quickstart's 20 minutes with four
     checkpoints; `--suite toy-heldout` runs the full one. To hold the 20 minutes (a fresh-clone run took 19:49
     with 20 steps), the multi-step samplers (bidirectional, AR) take 10 UniPC steps instead of toy-heldout's 20,
-    and there is no VAE round-trip row (its 20 extra pose estimates cost about 40 s; `minwm eval` has it)."""
+    and there is no VAE round-trip row (its 20 extra pose estimates cost about 40 s; `minwm eval --vae-floor` adds it)."""
     from minwm.eval.suite import SINGLE_KEYS, Suite
 
     return Suite(name="quickstart", description="2 held-out scenes x the ten single actions held for the clip",
