@@ -106,14 +106,6 @@ def select_pixels(img: np.ndarray, cfg: PhotoConfig) -> np.ndarray:
     return np.stack([idx % W, idx // W], -1).astype(np.float64)
 
 
-def _project(R, t, rays, rho, K):
-    X = rays @ R.T + rho[:, None] * t
-    ok = X[:, 2] > 1e-9
-    Z = np.where(ok, X[:, 2], 1.0)
-    x = np.stack([K[0, 0] * X[:, 0] / Z + K[0, 2], K[1, 1] * X[:, 1] / Z + K[1, 2]], -1)
-    return x, ok
-
-
 class _Frames:
     """Upsampled frames of one blur level and colour lookups at original-pixel positions."""
 
@@ -164,12 +156,11 @@ def _sweep(fr: _Frames, xy: np.ndarray, ref: np.ndarray, poses: np.ndarray, K: n
     iz = np.float32(1) / np.where(ok, Z, np.float32(1))
     # Original pixel u sits at (u + 0.5) s - 0.5 of the upsampled grid; frame f + 1's rows start at f H s.
     u = X * iz * np.float32(K[0, 0] * s) + np.float32((K[0, 2] + 0.5) * s - 0.5)
-    v = Y * iz * np.float32(K[1, 1] * s) + ((K[1, 2] + 0.5 + fr.H * np.arange(n, dtype=np.float32)) * s - 0.5
-                                            ).astype(np.float32)[:, None, None]
+    v = Y * iz * np.float32(K[1, 1] * s) + np.float32((K[1, 2] + 0.5) * s - 0.5)
     lo, hi = 0.5 * s - 0.5, (np.array([fr.W, fr.H]) - 0.5) * s - 0.5          # the image's pixel centres
-    vf = v - (fr.H * s * np.arange(n, dtype=np.float32))[:, None, None]
-    ok &= (u >= lo) & (u <= hi[0]) & (vf >= lo) & (vf <= hi[1])
-    c = cv2.remap(fr.stacked(n), np.where(ok, u, lo).reshape(n * N, D), np.where(ok, v, lo).reshape(n * N, D),
+    ok &= (u >= lo) & (u <= hi[0]) & (v >= lo) & (v <= hi[1])
+    v = np.where(ok, v, lo) + (fr.H * s * np.arange(n, dtype=np.float32))[:, None, None]
+    c = cv2.remap(fr.stacked(n), np.where(ok, u, lo).reshape(n * N, D), v.reshape(n * N, D),
                   cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).reshape(n, N, D, -1)
     d = c - ref[:, None, :].astype(np.float32)
     e = np.sqrt(np.einsum("...c,...c->...", d, d))       # a sum over 3 channels: einsum, not a slow reduce

@@ -67,8 +67,8 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 2000
     lr_warmup_steps: int = 0
-    # After the linear warm-up: "constant", or "cosine" from lr down to lr * lr_min_ratio at max_steps (a
-    # short from-scratch run such as the toy's Phase 1 ends lower annealed than at a constant lr).
+    # After the linear warm-up: "constant", or "cosine" from lr down to lr * lr_min_ratio at max_steps. The
+    # schedule follows max_steps: resuming with a larger --max-steps raises the lr again from where it was.
     lr_decay: str = "constant"
     lr_min_ratio: float = 0.0
     ckpt_every: int = 250
